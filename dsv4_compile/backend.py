@@ -1,0 +1,64 @@
+"""The `dsv4_xpu` Dynamo backend: options -> rewrite pipeline -> Inductor.
+
+Installed through the `torch_dynamo_backends` entry point, so `torch.compile(m, backend="dsv4_xpu")` works
+after `pip install` with no import; `options={...}` of torch.compile arrive here as `options`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from dsv4_compile.errors import DeviceError
+from dsv4_compile.options import BackendOptions, device_available, parse_device
+from dsv4_compile.pipeline import run_pipeline
+
+
+def dsv4_xpu(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: Mapping[str, Any] | BackendOptions | None = None,
+) -> Callable[..., Any]:
+    """Rewrite the CUDA-only constructs of `gm` for the target device, then compile it with Inductor."""
+    opts = BackendOptions.from_mapping(options)
+    device = resolve_device(opts.device, example_inputs)
+    run_pipeline(gm, device, strict=opts.strict, disable=opts.disable, name=_graph_name())
+    if not opts.inductor:
+        return gm
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs))
+
+
+def resolve_device(requested: str | None, example_inputs: Sequence[Any]) -> torch.device:
+    """The target device: `requested` if given, else the example inputs' device; checked for consistency."""
+    devices = input_devices(example_inputs)
+    if len({d.type for d in devices}) > 1:
+        raise DeviceError(f"example inputs live on several devices {sorted(map(str, devices))}; "
+                          "move them to one device (0-dim CPU scalars are fine)")
+    if requested is not None:
+        device = parse_device(requested)
+        if devices and next(iter(devices)).type != device.type:
+            raise DeviceError(f"options device={str(device)!r} but the inputs live on {next(iter(devices))}")
+    else:
+        device = next(iter(devices)) if devices else torch.device("cpu")
+    if not device_available(device):
+        raise DeviceError(f"target device '{device}' is not available in this process "
+                          f"(torch.{device.type}.is_available() is False)")
+    return device
+
+
+def input_devices(example_inputs: Sequence[Any]) -> set[torch.device]:
+    """Devices of the tensor inputs, ignoring 0-dim CPU scalars (which mix with any device)."""
+    return {
+        t.device for t in example_inputs
+        if isinstance(t, torch.Tensor) and not (t.device.type == "cpu" and t.dim() == 0)
+    }
+
+
+def _graph_name() -> str:
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    return f"graph {compile_id}" if compile_id is not None else "graph"

@@ -1,0 +1,79 @@
+"""CUDA-only op -> native lowering registry.
+
+Adding support for the next CUDA-only op is one decorated function:
+
+    @native_lowering("_C::my_op", out_arg="out")
+    def my_op_native(x: torch.Tensor, scale: float) -> torch.Tensor: ...
+
+The op-rewriting passes replace calls of a registered op by a call of its native function, and the
+residual-CUDA audit treats every registered op that is still in the graph as CUDA-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+# Namespaces whose ops are CUDA/vLLM kernels; an op there without a kernel for the target is CUDA-only.
+CUDA_ONLY_NAMESPACES = frozenset({"_C", "_moe_C", "_flashmla_C", "_vllm_fa3_C", "_C_cache_ops", "dsv4_cuda"})
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeLowering:
+    """How one CUDA-only op becomes plain torch.
+
+    qualname:  "namespace::op" of the CUDA-only op.
+    native:    functional torch implementation; takes the op's arguments minus `out_arg`.
+    out_arg:   name of the mutated out-parameter, for out-style ops that return nothing.
+    params:    the op's parameter names in schema order, with defaults for the optional ones.
+    """
+
+    qualname: str
+    native: Callable[..., object]
+    out_arg: str | None
+    params: tuple[tuple[str, object], ...]
+
+    @property
+    def namespace(self) -> str:
+        return self.qualname.split("::", 1)[0]
+
+
+_NO_DEFAULT = object()
+LOWERINGS: dict[str, NativeLowering] = {}
+
+
+def native_lowering(
+    qualname: str, *, params: tuple[str | tuple[str, object], ...], out_arg: str | None = None
+) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """Register `fn` as the native lowering of the CUDA-only op `qualname`.
+
+    `params` lists the op's parameters in schema order: a bare name for a required one, a
+    `(name, default)` pair for an optional one.
+    """
+
+    def register(fn: Callable[..., object]) -> Callable[..., object]:
+        normalised = tuple(p if isinstance(p, tuple) else (p, _NO_DEFAULT) for p in params)
+        if qualname in LOWERINGS and LOWERINGS[qualname].native is not fn:
+            raise ValueError(f"{qualname} already has a native lowering: {LOWERINGS[qualname].native}")
+        LOWERINGS[qualname] = NativeLowering(qualname, fn, out_arg, normalised)
+        return fn
+
+    return register
+
+
+def op_qualname(target: object) -> str | None:
+    """'namespace::name' for an OpOverload or OpOverloadPacket target, else None."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name
+    return None
+
+
+def has_kernel_for(qualname: str, device_type: str) -> bool:
+    """Whether the op can run on `device_type` (a backend kernel or a composite implementation)."""
+    keys = {"cpu": "CPU", "cuda": "CUDA", "xpu": "XPU"}
+    candidates = [keys.get(device_type, device_type.upper()), "CompositeImplicitAutograd", "CompositeExplicitAutograd"]
+    return any(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key) for key in candidates)
