@@ -134,7 +134,7 @@ class RetargetCudaMode(TorchFunctionMode):
         super().__init__()
         self.device = device
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch protocol
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
         kwargs = kwargs or {}
         if getattr(func, "__self__", None) is torch._C.TensorBase.is_cuda:
             return args[0].device.type in ("cuda", self.device.type)
@@ -155,7 +155,7 @@ def _dynamo_is_cuda(device_type: str) -> Iterator[None]:
 
     original = TensorVariable.method_attr_is_cuda
 
-    def method_attr_is_cuda(self, tx):  # noqa: ANN001, ANN202 - Dynamo's own signature
+    def method_attr_is_cuda(self, tx):  # noqa: ANN001 - Dynamo's own signature
         if self.device is None:
             return None
         return VariableTracker.build(tx, self.device.type in ("cuda", device_type))

@@ -52,17 +52,25 @@ def node_target_name(node: torch.fx.Node) -> str:
     return resolved or getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
 
 
+_NOT_USER_CODE = ("/torch/", "dsv4_compile/compat.py")
+
+
 def user_source_line(node: torch.fx.Node) -> str:
-    """The innermost user frame of the node's stack trace, as 'file:line: code'."""
-    trace = node.meta.get("stack_trace") or ""
-    frames = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    # Dynamo stack traces alternate 'File "...", line N, in fn' and the code line.
-    for i in range(len(frames) - 1, -1, -1):
-        if frames[i].startswith("File "):
-            code = frames[i + 1] if i + 1 < len(frames) and not frames[i + 1].startswith("File ") else ""
-            location = frames[i].replace("File ", "", 1)
-            return f"{location}: {code}" if code else location
-    return "<no source line recorded>"
+    """The innermost user frame of the node's stack trace, as 'file", line N, in fn: code'.
+
+    Frames of torch itself and of the cuda_compat layer (which Dynamo inlines) are not the user's.
+    """
+    lines = [ln.strip() for ln in (node.meta.get("stack_trace") or "").strip().splitlines() if ln.strip()]
+    frames = []
+    for i, line in enumerate(lines):
+        if line.startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            frames.append((line.replace("File ", "", 1), code))
+    user = [f for f in frames if not any(marker in f[0] for marker in _NOT_USER_CODE)] or frames
+    if not user:
+        return "<no source line recorded>"
+    location, code = user[-1]
+    return f"{location}: {code}" if code else location
 
 
 def describe_node(node: torch.fx.Node) -> str:

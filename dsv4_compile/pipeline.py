@@ -86,7 +86,8 @@ class RewriteReport:
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         lines = [header]
         for i, row in enumerate(rows):
-            lines.append("  " + row[0].ljust(widths[0]) + "  " + "  ".join(c.rjust(w) for c, w in zip(row[1:], widths[1:])))
+            cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+            lines.append("  " + "  ".join(cells))
             if i == 0:
                 lines.append("  " + "  ".join("-" * w for w in widths))
         return "\n".join(lines)

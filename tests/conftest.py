@@ -9,7 +9,7 @@ import torch
 
 os.environ.setdefault("PYTHONBREAKPOINT", "0")
 
-import dsv4_compile  # noqa: E402,F401 - registers the custom ops
+import dsv4_compile
 
 
 @pytest.fixture(autouse=True)

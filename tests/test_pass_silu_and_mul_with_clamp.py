@@ -108,7 +108,7 @@ def test_buffer_read_before_the_call_is_not_treated_as_fresh():
 
 
 def test_idempotent():
-    gm, inputs, _, _ = run_pass(fresh_buffer, torch.randn(2, 8), 7.0)
+    gm, _, _, _ = run_pass(fresh_buffer, torch.randn(2, 8), 7.0)
     code = gm.code
     again = rewrite_silu_and_mul_with_clamp(gm, CTX)
     assert (again.matched, again.changed) == (0, 0) and gm.code == code

@@ -17,7 +17,8 @@ def _silu_and_mul_with_clamp_kernel(
     gate = tl.load(in_ptr + row * in_row_stride + cols, mask=mask).to(tl.float32)
     up = tl.load(in_ptr + row * in_row_stride + d + cols, mask=mask).to(tl.float32)
     gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)
-    up = tl.maximum(tl.minimum(up, limit, propagate_nan=tl.PropagateNan.ALL), -limit, propagate_nan=tl.PropagateNan.ALL)
+    up = tl.minimum(up, limit, propagate_nan=tl.PropagateNan.ALL)
+    up = tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL)
     act = (gate * tl.sigmoid(alpha * gate)).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * out_row_stride + cols, (act * (up + beta)).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -38,7 +39,8 @@ def silu_and_mul_with_clamp_triton(
     block = min(1024, triton.next_power_of_2(d))
     grid = (n_rows, triton.cdiv(d, block))
     _silu_and_mul_with_clamp_kernel[grid](
-        rows_out, rows_in, d, rows_in.stride(0), rows_out.stride(0), float(limit), float(alpha), float(beta), BLOCK=block
+        rows_out, rows_in, d, rows_in.stride(0), rows_out.stride(0),
+        float(limit), float(alpha), float(beta), BLOCK=block,
     )
     if target is not result:
         result.copy_(target)

@@ -17,7 +17,9 @@ from dsv4_compile.errors import UnsupportedNodeError
 from dsv4_compile.passes.base import PassResult, copy_provenance, example_value
 from dsv4_compile.registry import _NO_DEFAULT, LOWERINGS, NativeLowering, op_qualname
 
-_EMPTY_FUNCTIONS = {torch.empty, torch.empty_like, torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default}
+_EMPTY_FUNCTIONS = {
+    torch.empty, torch.empty_like, torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default
+}
 _EMPTY_METHODS = {"new_empty", "new_empty_strided"}
 
 

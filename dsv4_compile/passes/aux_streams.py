@@ -18,7 +18,8 @@ from dsv4_compile.passes.base import PassContext, PassResult, example_value
 from dsv4_compile.registry import op_qualname
 
 STREAM_METHODS = frozenset(
-    {"wait_stream", "wait_event", "record_event", "record", "synchronize", "query", "elapsed_time", "__enter__", "__exit__"}
+    {"wait_stream", "wait_event", "record_event", "record", "synchronize", "query", "elapsed_time",
+     "__enter__", "__exit__"}
 )
 STREAM_OBJECT_FUNCTIONS = frozenset(
     {"get_external_object_by_index", "current_stream", "default_stream", "Stream", "Event", "set_stream"}
