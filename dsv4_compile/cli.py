@@ -22,3 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, spec in enumerate(PASSES, 1):
         print(f"{i}. {spec.name:<26} {spec.summary}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -136,7 +136,9 @@ class RetargetCudaMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
         kwargs = kwargs or {}
-        if getattr(func, "__self__", None) is torch._C.TensorBase.is_cuda:
+        # Under Dynamo `.is_cuda` never reaches a mode (see _dynamo_is_cuda), and `func.__self__` of an
+        # OpOverloadPacket is something torch 2.11's Dynamo cannot trace, so look only when eager.
+        if not torch.compiler.is_compiling() and getattr(func, "__self__", None) is torch._C.TensorBase.is_cuda:
             return args[0].device.type in ("cuda", self.device.type)
         if func is torch.Tensor.cuda:
             return args[0].to(self.device, non_blocking=kwargs.get("non_blocking", False))

@@ -7,7 +7,7 @@ import dsv4_compile
 from dsv4_compile import BackendOptions, DeviceError, OptionsError
 from dsv4_compile.backend import dsv4_xpu, resolve_device
 from dsv4_compile.demo import CudaOrientedBlock, native_block
-from tests.conftest import capture_graph
+from tests.conftest import capture_graph, needs_trace_time_retarget
 
 
 def test_backend_is_registered_by_entry_point():
@@ -50,6 +50,7 @@ def block_and_input():
     return block, torch.randn(5, 32)
 
 
+@needs_trace_time_retarget
 def test_compile_by_name_rewrites_and_reports(caplog):
     block, x = block_and_input()
     with caplog.at_level(logging.INFO, logger="dsv4_compile"), dsv4_compile.cuda_compat("cpu"):
@@ -77,6 +78,7 @@ def test_plain_model_passes_through_unchanged():
     torch.testing.assert_close(compiled(x), model(x))
 
 
+@needs_trace_time_retarget
 def test_disabled_pass_makes_the_audit_fail_with_the_source_line():
     block, x = block_and_input()
     with dsv4_compile.cuda_compat("cpu"), pytest.raises(Exception) as info:
@@ -85,6 +87,7 @@ def test_disabled_pass_makes_the_audit_fail_with_the_source_line():
     assert "demo.py" in str(info.value)
 
 
+@needs_trace_time_retarget
 def test_inductor_false_runs_the_rewritten_graph_eagerly():
     block, x = block_and_input()
     compiled = dsv4_compile.compile(block, inductor=False)

@@ -3,6 +3,7 @@ import torch
 
 import dsv4_compile
 from dsv4_compile.compat import CompatStream, cuda_compat
+from tests.conftest import needs_trace_time_retarget
 
 
 class StreamsInInit(torch.nn.Module):
@@ -44,6 +45,7 @@ def test_constructs_and_runs_eagerly_under_compat():
             model.events[0].wait()
 
 
+@needs_trace_time_retarget
 def test_traces_under_dynamo_with_fullgraph():
     with cuda_compat("cpu"):
         model = StreamsInInit()
@@ -69,6 +71,7 @@ def test_cuda_target_is_a_no_op():
         assert torch.cuda.Stream is original
 
 
+@needs_trace_time_retarget
 def test_compile_wraps_calls_in_compat():
     with cuda_compat("cpu"):
         model = StreamsInInit()
