@@ -21,7 +21,7 @@ test: $(BIN)/.installed lint
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check dsv4_compile tests benchmarks examples
+	$(BIN)/ruff check .
 
 gpu-test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m gpu
