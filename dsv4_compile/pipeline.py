@@ -18,6 +18,7 @@ from dsv4_compile.passes.audit import audit_residual_cuda
 from dsv4_compile.passes.aux_streams import remove_aux_streams
 from dsv4_compile.passes.base import PassContext, PassResult
 from dsv4_compile.passes.device_constants import retarget_device_constants
+from dsv4_compile.passes.pdl import disable_pdl
 from dsv4_compile.passes.silu_and_mul_with_clamp import rewrite_silu_and_mul_with_clamp
 
 log = logging.getLogger("dsv4_compile")
@@ -37,6 +38,8 @@ PASSES: tuple[PassSpec, ...] = (
              "_C.silu_and_mul_with_clamp(out, x, limit, ...) -> native clamp + SiLU + mul"),
     PassSpec("aux_streams", remove_aux_streams,
              "aux-stream fork/join, stream waits and events -> removed (serial on the current stream)"),
+    PassSpec("pdl", disable_pdl,
+             "user Triton launches: launch_pdl dropped, USE_GDC=False (CPU: the kernel's plain-torch fallback)"),
     PassSpec("device_constants", retarget_device_constants,
              'hard-coded device="cuda" constants, .to("cuda"), .cuda() -> the target device'),
     PassSpec("audit", audit_residual_cuda,

@@ -77,3 +77,25 @@ def has_kernel_for(qualname: str, device_type: str) -> bool:
     keys = {"cpu": "CPU", "cuda": "CUDA", "xpu": "XPU"}
     candidates = [keys.get(device_type, device_type.upper()), "CompositeImplicitAutograd", "CompositeExplicitAutograd"]
     return any(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key) for key in candidates)
+
+
+# User Triton kernel name -> plain-torch function with the kernel's arguments (tensors mutated in place),
+# for targets without Triton (CPU).
+TRITON_FALLBACKS: dict[str, Callable[..., None]] = {}
+
+
+def triton_fallback(kernel_name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register `fn(**kernel_args)` as what the user Triton kernel `kernel_name` does, in plain torch."""
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        TRITON_FALLBACKS[kernel_name] = fn
+        return fn
+
+    return register
+
+
+def kernel_name(kernel: object) -> str:
+    """The Python name of a Triton kernel (JITFunction, Autotuner, or plain function)."""
+    while hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return getattr(kernel, "__name__", str(kernel))

@@ -57,7 +57,7 @@ def test_compile_by_name_rewrites_and_reports(caplog):
         out = torch.compile(block, backend="dsv4_xpu", options={"strict": True}, fullgraph=True)(x)
     torch.testing.assert_close(out, native_block(block, x), rtol=1e-4, atol=1e-4)
     report = dsv4_compile.last_report()
-    assert [s.name for s in report.passes] == ["silu_and_mul_with_clamp", "aux_streams", "device_constants", "audit"]
+    assert [s.name for s in report.passes] == ["silu_and_mul_with_clamp", "aux_streams", "pdl", "device_constants", "audit"]
     assert report["silu_and_mul_with_clamp"].changed == 1
     assert report["aux_streams"].changed > 0
     assert report["audit"].matched == 0

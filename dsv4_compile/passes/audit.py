@@ -22,12 +22,10 @@ from dsv4_compile.errors import CudaOnlyNodesError
 from dsv4_compile.passes.aux_streams import is_stream_node, stream_tag
 from dsv4_compile.passes.base import PassContext, PassResult
 from dsv4_compile.passes.device_constants import cuda_device_uses
+from dsv4_compile.passes.pdl import is_triton_launch
 from dsv4_compile.registry import CUDA_ONLY_NAMESPACES, LOWERINGS, has_kernel_for, op_qualname
 
 log = logging.getLogger("dsv4_compile")
-
-_TRITON_WRAPPERS = ("triton_kernel_wrapper_mutation", "triton_kernel_wrapper_functional")
-
 
 def find_cuda_only_nodes(gm: torch.fx.GraphModule, device: torch.device) -> list[tuple[torch.fx.Node, str]]:
     """Every CUDA-only node of `gm` for target `device`, with the reason it is CUDA-only."""
@@ -58,7 +56,7 @@ def _why_cuda_only(node: torch.fx.Node, device: torch.device) -> str | None:
 
 def pdl_flags(node: torch.fx.Node) -> list[str]:
     """The PDL settings that are on in a user-Triton launch node ('launch_pdl', 'USE_GDC')."""
-    if node.op != "call_function" or getattr(node.target, "__name__", None) not in _TRITON_WRAPPERS:
+    if not is_triton_launch(node):
         return []
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
