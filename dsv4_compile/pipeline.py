@@ -18,8 +18,10 @@ from dsv4_compile.passes.audit import audit_residual_cuda
 from dsv4_compile.passes.aux_streams import remove_aux_streams
 from dsv4_compile.passes.base import PassContext, PassResult
 from dsv4_compile.passes.device_constants import retarget_device_constants
+from dsv4_compile.passes.mhc import rewrite_mhc
 from dsv4_compile.passes.pdl import disable_pdl
 from dsv4_compile.passes.silu_and_mul_with_clamp import rewrite_silu_and_mul_with_clamp
+from dsv4_compile.passes.tile_scheduler import short_circuit_tile_scheduler
 
 log = logging.getLogger("dsv4_compile")
 
@@ -36,10 +38,14 @@ class PassSpec:
 PASSES: tuple[PassSpec, ...] = (
     PassSpec("silu_and_mul_with_clamp", rewrite_silu_and_mul_with_clamp,
              "_C.silu_and_mul_with_clamp(out, x, limit, ...) -> native clamp + SiLU + mul"),
+    PassSpec("mhc", rewrite_mhc,
+             "fused mHC ops (mhc_pre, mhc_post, mhc_fused_post_pre, hc_head) -> their torch math"),
     PassSpec("aux_streams", remove_aux_streams,
              "aux-stream fork/join, stream waits and events -> removed (serial on the current stream)"),
     PassSpec("pdl", disable_pdl,
              "user Triton launches: launch_pdl dropped, USE_GDC=False (CPU: the kernel's plain-torch fallback)"),
+    PassSpec("tile_scheduler", short_circuit_tile_scheduler,
+             "FlashMLA tile-scheduler metadata -> removed; its sparse-decode consumer -> native gather + softmax"),
     PassSpec("device_constants", retarget_device_constants,
              'hard-coded device="cuda" constants, .to("cuda"), .cuda() -> the target device'),
     PassSpec("audit", audit_residual_cuda,
@@ -111,19 +117,29 @@ def run_pipeline(
     strict: bool = True,
     disable: tuple[str, ...] = (),
     name: str | None = None,
+    observer: Callable[[int, str, torch.fx.GraphModule, PassStats | None], None] | None = None,
 ) -> RewriteReport:
-    """Run every pass (except those in `disable`) over `gm`, in place, and return the report."""
+    """Run every pass (except those in `disable`) over `gm`, in place, and return the report.
+
+    `observer(index, pass_name, gm, stats)`, if given, is called before each pass that runs (stats None) and
+    after it (with its PassStats); `index` is the pass's 1-based position in PASSES. See dsv4_compile.diff.
+    """
     ctx = PassContext(device=device, strict=strict)
     report = RewriteReport(graph=name or type(gm).__name__, device=str(device), nodes_before=len(gm.graph.nodes))
-    for spec in PASSES:
+    for index, spec in enumerate(PASSES, 1):
         if spec.name in disable:
             report.passes.append(PassStats(spec.name, 0, 0, 0.0, skipped=True))
             continue
+        if observer is not None:
+            observer(index, spec.name, gm, None)
         start = time.perf_counter()
         result = spec.run(gm, ctx)
         gm.graph.lint()
         gm.recompile()
-        report.passes.append(PassStats(spec.name, result.matched, result.changed, 1e3 * (time.perf_counter() - start)))
+        stats = PassStats(spec.name, result.matched, result.changed, 1e3 * (time.perf_counter() - start))
+        report.passes.append(stats)
+        if observer is not None:
+            observer(index, spec.name, gm, stats)
     report.nodes_after = len(gm.graph.nodes)
     _reports.append(report)
     del _reports[:-64]

@@ -20,6 +20,9 @@ import torch
 CUDA_ONLY_NAMESPACES = frozenset({"_C", "_moe_C", "_flashmla_C", "_vllm_fa3_C", "_C_cache_ops", "dsv4_cuda"})
 
 
+_NO_DEFAULT = object()
+
+
 @dataclasses.dataclass(frozen=True)
 class NativeLowering:
     """How one CUDA-only op becomes plain torch.
@@ -27,34 +30,43 @@ class NativeLowering:
     qualname:  "namespace::op" of the CUDA-only op.
     native:    functional torch implementation; takes the op's arguments minus `out_arg`.
     out_arg:   name of the mutated out-parameter, for out-style ops that return nothing.
-    params:    the op's parameter names in schema order, with defaults for the optional ones.
+    declared:  the op's parameter names in schema order, with defaults for the optional ones; None to
+               read them from the op's registered schema.
     """
 
     qualname: str
     native: Callable[..., object]
     out_arg: str | None
-    params: tuple[tuple[str, object], ...]
+    declared: tuple[tuple[str, object], ...] | None
+
+    @property
+    def params(self) -> tuple[tuple[str, object], ...]:
+        if self.declared is not None:
+            return self.declared
+        namespace, name = self.qualname.split("::")
+        schema = getattr(getattr(torch.ops, namespace), name).default._schema
+        return tuple((a.name, a.default_value if a.has_default_value() else _NO_DEFAULT) for a in schema.arguments)
 
     @property
     def namespace(self) -> str:
         return self.qualname.split("::", 1)[0]
 
 
-_NO_DEFAULT = object()
 LOWERINGS: dict[str, NativeLowering] = {}
 
 
 def native_lowering(
-    qualname: str, *, params: tuple[str | tuple[str, object], ...], out_arg: str | None = None
+    qualname: str, *, params: tuple[str | tuple[str, object], ...] | None = None, out_arg: str | None = None
 ) -> Callable[[Callable[..., object]], Callable[..., object]]:
     """Register `fn` as the native lowering of the CUDA-only op `qualname`.
 
-    `params` lists the op's parameters in schema order: a bare name for a required one, a
-    `(name, default)` pair for an optional one.
+    `params` lists the op's parameters in schema order (a bare name for a required one, a `(name, default)`
+    pair for an optional one); leave it out to take them from the op's registered schema. Give it where
+    the op may be defined elsewhere with an older schema (vLLM's `_C` library).
     """
 
     def register(fn: Callable[..., object]) -> Callable[..., object]:
-        normalised = tuple(p if isinstance(p, tuple) else (p, _NO_DEFAULT) for p in params)
+        normalised = None if params is None else tuple(p if isinstance(p, tuple) else (p, _NO_DEFAULT) for p in params)
         if qualname in LOWERINGS and LOWERINGS[qualname].native is not fn:
             raise ValueError(f"{qualname} already has a native lowering: {LOWERINGS[qualname].native}")
         LOWERINGS[qualname] = NativeLowering(qualname, fn, out_arg, normalised)

@@ -10,6 +10,8 @@ Out-parameter ops (return nothing, fill a buffer):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.fx
 
@@ -23,8 +25,13 @@ _EMPTY_FUNCTIONS = {
 _EMPTY_METHODS = {"new_empty", "new_empty_strided"}
 
 
-def lower_registered_op(gm: torch.fx.GraphModule, qualname: str) -> PassResult:
-    """Rewrite every call of `qualname` in `gm` to its registered native lowering."""
+def lower_registered_op(
+    gm: torch.fx.GraphModule, qualname: str, overrides: Mapping[str, object] | None = None
+) -> PassResult:
+    """Rewrite every call of `qualname` in `gm` to its registered native lowering.
+
+    `overrides` replaces bound arguments by name (e.g. None for inputs the native math does not need).
+    """
     lowering = LOWERINGS[qualname]
     result = PassResult()
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
@@ -32,7 +39,7 @@ def lower_registered_op(gm: torch.fx.GraphModule, qualname: str) -> PassResult:
         if node.op != "call_function" or op_qualname(node.target) != qualname:
             continue
         result.matched += 1
-        bound = _bind(node, lowering)
+        bound = {**_bind(node, lowering), **(overrides or {})}
         if lowering.out_arg is None:
             _replace_functional(gm.graph, node, lowering, bound)
         else:

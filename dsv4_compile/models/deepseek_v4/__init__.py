@@ -1,7 +1,10 @@
-"""DeepSeek-V4: config, parameter modules (checkpoint names) and the native plain-torch oracle."""
+"""DeepSeek-V4: config, parameter modules (checkpoint names), the native plain-torch oracle and the
+CUDA-oriented forward (``CudaDeepseekV4``, the rewrite targets)."""
 
 from .cache import CompressorState, LayerCache, SequenceCache, new_cache
 from .config import DeepseekV4Config
+from .cuda_model import CudaDeepseekV4
+from .cuda_ops import NATIVE_IMPLS, cpu_reference_kernels
 from .modeling import (
     Attention,
     Compressor,
@@ -18,7 +21,8 @@ from .modeling import (
 from .oracle import model_forward, new_caches, oracle_decode, oracle_prefill
 
 __all__ = [
-    "Attention", "Compressor", "CompressorState", "DecoderLayer", "DeepseekV4Config", "DeepseekV4Model",
-    "Expert", "Gate", "Indexer", "LayerCache", "MoE", "RMSNorm", "SequenceCache", "load_safetensors",
-    "model_forward", "new_cache", "new_caches", "oracle_decode", "oracle_prefill", "save_safetensors",
+    "NATIVE_IMPLS", "Attention", "Compressor", "CompressorState", "CudaDeepseekV4", "DecoderLayer",
+    "DeepseekV4Config", "DeepseekV4Model", "Expert", "Gate", "Indexer", "LayerCache", "MoE", "RMSNorm",
+    "SequenceCache", "cpu_reference_kernels", "load_safetensors", "model_forward", "new_cache", "new_caches",
+    "oracle_decode", "oracle_prefill", "save_safetensors",
 ]
