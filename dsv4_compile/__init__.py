@@ -16,7 +16,7 @@ from dsv4_compile.errors import (
     UnsupportedNodeError,
 )
 from dsv4_compile.options import BackendOptions
-from dsv4_compile.pipeline import PASSES, RewriteReport, last_report, run_pipeline
+from dsv4_compile.pipeline import PASSES, RewriteReport, all_reports, last_report, run_pipeline
 
 __all__ = [
     "PASSES",
@@ -28,6 +28,7 @@ __all__ = [
     "OptionsError",
     "RewriteReport",
     "UnsupportedNodeError",
+    "all_reports",
     "compile",
     "cuda_compat",
     "dsv4_xpu",

@@ -110,6 +110,12 @@ def last_report() -> RewriteReport | None:
     return _reports[-1] if _reports else None
 
 
+def all_reports() -> list[RewriteReport]:
+    """The reports of the recent rewrites in this process, oldest first (one per graph, so a model with
+    graph breaks leaves several)."""
+    return list(_reports)
+
+
 def run_pipeline(
     gm: torch.fx.GraphModule,
     device: torch.device,
