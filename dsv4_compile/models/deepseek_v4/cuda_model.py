@@ -439,6 +439,7 @@ class CudaDeepseekV4(nn.Module):
         model, cfg = self.model, self.model.config
         kw = (cfg.rms_norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters)
         ops = torch.ops.dsv4_cuda
+        torch._check(input_ids.shape[0] >= 1)  # at least one token: lets the compiler size slots[:1] as 1
         new_len = cache.lengths.scatter_reduce(0, slots, positions + 1, "amax")
         b = StaticBatch(positions, slots, cache.lengths[slots], new_len[slots] - 1, cache.trash, decode, [])
         x = F.embedding(input_ids, model.embed.weight)
