@@ -7,7 +7,10 @@
 from dsv4_compile import ops as _ops  # noqa: F401 - defines _C::silu_and_mul_with_clamp when missing
 from dsv4_compile.api import CompiledModel, compile
 from dsv4_compile.backend import dsv4_xpu
+from dsv4_compile.capture import CaptureError, capture, rewrite
+from dsv4_compile.codegen import CodegenResult, CudaOnlyCodeError, codegen
 from dsv4_compile.compat import cuda_compat
+from dsv4_compile.diff import DiffRecorder, PassDiff
 from dsv4_compile.errors import (
     CudaOnlyNodesError,
     DeviceError,
@@ -21,17 +24,25 @@ from dsv4_compile.pipeline import PASSES, RewriteReport, all_reports, last_repor
 __all__ = [
     "PASSES",
     "BackendOptions",
+    "CaptureError",
+    "CodegenResult",
     "CompiledModel",
+    "CudaOnlyCodeError",
     "CudaOnlyNodesError",
     "DeviceError",
+    "DiffRecorder",
     "Dsv4CompileError",
     "OptionsError",
+    "PassDiff",
     "RewriteReport",
     "UnsupportedNodeError",
     "all_reports",
+    "capture",
+    "codegen",
     "compile",
     "cuda_compat",
     "dsv4_xpu",
     "last_report",
+    "rewrite",
     "run_pipeline",
 ]

@@ -2,6 +2,8 @@
 
 Installed through the `torch_dynamo_backends` entry point, so `torch.compile(m, backend="dsv4_xpu")` works
 after `pip install` with no import; `options={...}` of torch.compile arrive here as `options`.
+Every pass's graph before/after goes to torch's structured log (artifacts `dsv4_xpu.<i>.<pass>.before/after`);
+`options={"dump_dir": path}` also writes them, with diffs, as files (dsv4_compile.diff).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from dsv4_compile.errors import DeviceError
+from dsv4_compile.diff import DiffRecorder
+from dsv4_compile.errors import DeviceError, Dsv4CompileError
 from dsv4_compile.options import BackendOptions, device_available, parse_device
 from dsv4_compile.pipeline import run_pipeline
 
@@ -25,7 +28,16 @@ def dsv4_xpu(
     """Rewrite the CUDA-only constructs of `gm` for the target device, then compile it with Inductor."""
     opts = BackendOptions.from_mapping(options)
     device = resolve_device(opts.device, example_inputs)
-    run_pipeline(gm, device, strict=opts.strict, disable=opts.disable, name=_graph_name())
+    name = _graph_name()
+    recorder = DiffRecorder(name, str(device), record=opts.dump_dir is not None)  # always: TORCH_TRACE artifacts
+    try:
+        run_pipeline(gm, device, strict=opts.strict, disable=opts.disable, name=name, observer=recorder)
+    except Dsv4CompileError as exc:
+        if opts.dump_dir is not None:
+            recorder.write(opts.dump_dir, error=str(exc))
+        raise
+    if opts.dump_dir is not None:
+        recorder.write(opts.dump_dir)
     if not opts.inductor:
         return gm
     from torch._inductor.compile_fx import compile_fx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,18 +22,24 @@ class BackendOptions:
     strict:   the residual-CUDA audit raises (True) or warns (False).
     disable:  names of passes to skip (the audit cannot be skipped).
     inductor: lower through Inductor (True) or run the rewritten graph eagerly (False).
+    dump_dir: folder for index.md and the per-pass stage files (graph before/after, diff); None: no dump.
     """
 
     device: str | None = None
     strict: bool = True
     disable: tuple[str, ...] = ()
     inductor: bool = True
+    dump_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.device is not None:
             object.__setattr__(self, "device", str(parse_device(self.device)))
         if not isinstance(self.strict, bool) or not isinstance(self.inductor, bool):
             raise OptionsError("options 'strict' and 'inductor' must be bool")
+        if self.dump_dir is not None:
+            if not isinstance(self.dump_dir, (str, os.PathLike)):
+                raise OptionsError(f"option 'dump_dir' must be a path, got {type(self.dump_dir).__name__}")
+            object.__setattr__(self, "dump_dir", os.fspath(self.dump_dir))
         if isinstance(self.disable, str):
             object.__setattr__(self, "disable", (self.disable,))
         object.__setattr__(self, "disable", tuple(self.disable))

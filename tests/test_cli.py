@@ -1,0 +1,82 @@
+"""The dsv4-compile command: every subcommand runs and has --help."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsv4_compile.cli import _subject, main
+from dsv4_compile.pipeline import pass_names
+from tests.conftest import needs_trace_time_retarget
+
+
+@pytest.mark.parametrize("command", ["demo", "passes", "diff", "codegen"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: dsv4-compile {command}")
+    if command in ("diff", "codegen"):
+        assert "shrunk to 4 layers" in " ".join(out.split()) and "CudaOrientedBlock" in out
+
+
+def test_top_level_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(c in out for c in ("demo", "passes", "diff", "codegen"))
+
+
+def test_passes(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in pass_names())
+
+
+def test_diff_shows_every_pass_that_changed(capsys):
+    assert main(["diff", "--config", "tiny", "--mode", "prefill"]) == 0
+    out = capsys.readouterr().out
+    for title in ("1. silu_and_mul_with_clamp: matched 1, changed 1", "aux_streams: matched", "device_constants"):
+        assert title in out
+    assert "op-count delta" in out and "+++ 01.silu_and_mul_with_clamp.after.py" in out
+
+
+def test_diff_of_one_pass_to_html(tmp_path, capsys):
+    html = tmp_path / "diff.html"
+    assert main(["diff", "--mode", "decode", "--pass", "device_constants", "--html", str(html)]) == 0
+    out = capsys.readouterr().out
+    assert "device_constants: matched" in out and "silu_and_mul_with_clamp: matched" not in out
+    assert "<html" in html.read_text() and "device_constants" in html.read_text()
+
+
+def test_diff_of_a_pass_that_changed_nothing(capsys):
+    assert main(["diff", "--pass", "pdl"]) == 0
+    assert "pass pdl changed nothing" in " ".join(capsys.readouterr().out.split())
+
+
+def test_unknown_pass_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["diff", "--pass", "no_such_pass"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["xpu", "cuda"])
+def test_codegen_writes_wrapper_and_kernels(device, tmp_path, capsys):
+    assert main(["codegen", "--device", device, "--config", "tiny", "--out", str(tmp_path)]) == 0
+    assert f"device_str='{device}'" in (tmp_path / "wrapper.py").read_text()
+    kernels = list((tmp_path / "kernels").glob("*.py"))
+    assert kernels and all("@triton.jit" in k.read_text() for k in kernels)
+    assert f"{len(kernels)} Triton kernel(s)" in capsys.readouterr().out
+
+
+def test_subject_shapes():
+    tiny, flash = _subject("tiny", "decode"), _subject("flash", "prefill")
+    assert tiny.inputs[0].shape == (4, 64) and flash.inputs[0].shape == (32, 4096)
+    assert flash.model.w13.shape == (2 * 2048, 4096)
+
+
+@pytest.mark.slow  # the demo compiles a whole model with Inductor (tens of seconds on 2 cores)
+@needs_trace_time_retarget
+def test_demo_on_cpu(capsys):
+    assert main(["demo", "--device", "cpu"]) == 0
+    assert "dsv4_xpu demo" in capsys.readouterr().out
