@@ -37,12 +37,12 @@ def capture(model: Callable[..., Any], *inputs: Any, as_device: str | torch.devi
     """The Dynamo graph of `model(*inputs)` as a backend would receive it on `as_device` (default `cuda:0`).
 
     `model` is a module, a bound method of one (e.g. `model.prefill`) or a function. Its parameters,
-    buffers and tensor attributes, and the tensor inputs (also inside lists, tuples, dicts, dataclasses),
-    are replaced for the trace by fake tensors of the same shape, stride and dtype on `as_device`; values
-    are never read. Without CUDA, `torch.cuda.Stream/Event/stream/current_stream` are the `cuda_compat`
-    stand-ins while tracing (build the model under `dsv4_compile.cuda_compat("cpu")`), so stream ops are
-    recorded as on CUDA. One `fullgraph=True`, static-shape capture; the example inputs are kept in
-    `gm.meta["dsv4_example_inputs"]`.
+    buffers and tensor attributes, and the tensor inputs (also inside lists, tuples, dicts, dataclasses and
+    plain state objects such as caches), are replaced for the trace by fake tensors of the same shape,
+    stride and dtype on `as_device`; values are never read. Without CUDA,
+    `torch.cuda.Stream/Event/stream/current_stream` are the `cuda_compat` stand-ins while tracing (build
+    the model under `dsv4_compile.cuda_compat("cpu")`), so stream ops are recorded as on CUDA. One
+    `fullgraph=True`, static-shape capture; the example inputs are kept in `gm.meta["dsv4_example_inputs"]`.
     """
     device = _indexed(parse_device(as_device))
     fake_mode = FakeTensorMode()
@@ -203,6 +203,10 @@ class _Fakes:
             for field in dataclasses.fields(value):
                 object.__setattr__(clone, field.name, self.convert(getattr(value, field.name)))
             return clone
+        if _holds_tensors(value):  # a plain state object such as a cache: copy it with fake tensors inside
+            clone = copy.copy(value)
+            clone.__dict__.update({k: self.convert(v) for k, v in vars(value).items()})
+            return clone
         return value
 
     @contextlib.contextmanager
@@ -222,3 +226,14 @@ class _Fakes:
         finally:
             for table, key, value in reversed(saved):
                 table[key] = value
+
+
+def _holds_tensors(value: Any) -> bool:
+    """A plain (non-module) object with tensors among its attributes, directly or in lists/tuples."""
+    if isinstance(value, (torch.nn.Module, type)) or not hasattr(value, "__dict__"):
+        return False
+    for attr in vars(value).values():
+        items = attr if isinstance(attr, (list, tuple)) else (attr,)
+        if any(isinstance(item, torch.Tensor) for item in items):
+            return True
+    return False

@@ -10,11 +10,10 @@ from typing import Any
 import torch
 
 SUBJECT_NOTE = (
-    "The subject is, for now, dsv4_compile.demo.CudaOrientedBlock (aux-stream fork/join, the fused "
-    "_C.silu_and_mul_with_clamp op, a device='cuda' constant) with the config's hidden and MoE intermediate "
-    "sizes; it becomes the CUDA-oriented DeepSeek-V4 model once that lands. 'flash' is shrunk to 4 layers "
-    "and 8 routed experts (Flash-shaped layers); 'tiny' is DeepseekV4Config.tiny(). Mode 'prefill' feeds "
-    "32 tokens, 'decode' 4 sequences of 1 token."
+    "The subject is the CUDA-oriented DeepSeek-V4 model (CudaDeepseekV4.forward_static over a StaticCache): "
+    "'tiny' is DeepseekV4Config.tiny() (every layer kind); 'flash' keeps Flash's real widths but is shrunk to "
+    "2 layers (compress ratios 4 and 128), 4 routed experts and a 1024-token vocabulary so that it builds on "
+    "a laptop. Mode 'prefill' feeds 16 tokens of one sequence, 'decode' one token for each of 2 sequences."
 )
 
 
@@ -32,21 +31,28 @@ def _config(name: str) -> Any:
 
     if name == "tiny":
         return DeepseekV4Config.tiny()
-    return DeepseekV4Config.flash().with_(num_hidden_layers=4, n_routed_experts=8)
+    return DeepseekV4Config.flash().with_(num_hidden_layers=2, compress_ratios=[4, 128], n_routed_experts=4,
+                                          num_experts_per_tok=2, vocab_size=1024, num_hash_layers=0)
 
 
 def _subject(config: str, mode: str) -> Subject:
     """The model (built under cuda_compat, as CUDA-oriented code must be without CUDA) and inputs to show."""
     from dsv4_compile.compat import cuda_compat
-    from dsv4_compile.demo import CudaOrientedBlock
+    from dsv4_compile.models.deepseek_v4 import DeepseekV4Model
+    from dsv4_compile.models.deepseek_v4.cuda_model import CudaDeepseekV4
+    from dsv4_compile.models.deepseek_v4.static_cache import StaticCache, decode_inputs, prefill_inputs
 
-    cfg = _config(config)
-    tokens = 32 if mode == "prefill" else 4
+    model = DeepseekV4Model(_config(config), dtype=torch.bfloat16)
     with cuda_compat("cuda" if torch.cuda.is_available() else "cpu"):
-        block = CudaOrientedBlock(hidden=cfg.hidden_size, intermediate=cfg.moe_intermediate_size,
-                                  limit=cfg.swiglu_limit)
-    x = torch.randn(tokens, cfg.hidden_size)
-    return Subject(f"CudaOrientedBlock[{config}, {mode}]", block, (x,))
+        cuda_model = CudaDeepseekV4(model)
+    cache = StaticCache(model, max_seq_len=64, num_slots=2)
+    if mode == "prefill":
+        ids = torch.randint(0, model.config.vocab_size, (16,))
+        return Subject(f"DeepSeek-V4[{config}, prefill]", cuda_model.prefill_static,
+                       (ids, *prefill_inputs(cache, 0, 16), cache))
+    ids = torch.randint(0, model.config.vocab_size, (2,))
+    return Subject(f"DeepSeek-V4[{config}, decode]", cuda_model.decode_static,
+                   (ids, *decode_inputs(cache, torch.tensor([0, 1])), cache))
 
 
 def _console(record: bool = False) -> Any:
