@@ -124,7 +124,10 @@ def bench_config(name: str, cfg: DeepseekV4Config) -> list[dict]:
 
 def main() -> None:
     torch._dynamo.config.cache_size_limit = 64
-    rows = [row for name, cfg in CONFIGS.items() for row in bench_config(name, cfg)]
+    rows = []
+    for name, cfg in CONFIGS.items():  # written after each config, so a cut-short run keeps what it measured
+        rows += bench_config(name, cfg)
+        write_results("layer", "python benchmarks/bench_layer.py", rows)
     print_table(rows, ["config", "mode", "tokens", "batch", "eager_cuda_us", "eager_native_us", "inductor_native_us",
                        "dsv4_xpu_us", "eager_cuda_kernels", "dsv4_xpu_kernels", "dsv4_xpu_peak_MiB",
                        "dsv4_vs_eager_native"])
