@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from dsv4_compile.options import parse_device
+from dsv4_compile.options import is_cuda_device, parse_device
 
 
 class CompatStream:
@@ -121,12 +121,6 @@ def _serial_stream_api() -> dict[str, Any]:
     }
 
 
-def _is_cuda_device(value: object) -> bool:
-    if isinstance(value, torch.device):
-        return value.type == "cuda"
-    return isinstance(value, str) and (value == "cuda" or value.startswith("cuda:"))
-
-
 class RetargetCudaMode(TorchFunctionMode):
     """Maps `cuda` devices in torch calls to the target device (`device=`, `.to(...)`, `.cuda()`, `.is_cuda`)."""
 
@@ -142,10 +136,10 @@ class RetargetCudaMode(TorchFunctionMode):
             return args[0].device.type in ("cuda", self.device.type)
         if func is torch.Tensor.cuda:
             return args[0].to(self.device, non_blocking=kwargs.get("non_blocking", False))
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+        if "device" in kwargs and is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": self.device}
         if func is torch.Tensor.to:
-            args = tuple(self.device if _is_cuda_device(a) else a for a in args)
+            args = tuple(self.device if is_cuda_device(a) else a for a in args)
         return func(*args, **kwargs)
 
 

@@ -88,3 +88,10 @@ def device_available(device: torch.device) -> bool:
         return True
     backend = getattr(torch, device.type, None)
     return bool(backend is not None and backend.is_available())
+
+
+def is_cuda_device(value: object) -> bool:
+    """A `cuda` device given as a torch.device or a string ('cuda', 'cuda:0')."""
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    return isinstance(value, str) and (value == "cuda" or value.startswith("cuda:"))

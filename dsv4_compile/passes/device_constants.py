@@ -12,16 +12,8 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from dsv4_compile.options import is_cuda_device
 from dsv4_compile.passes.base import PassContext, PassResult
-
-
-def is_cuda_device(value: object) -> bool:
-    """A `cuda` device given as a torch.device or a string."""
-    if isinstance(value, torch.device):
-        return value.type == "cuda"
-    if isinstance(value, str):
-        return value == "cuda" or value.startswith("cuda:")
-    return False
 
 
 def cuda_device_uses(node: torch.fx.Node) -> list[str]:
