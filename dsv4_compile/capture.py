@@ -160,17 +160,7 @@ def _cuda_stream_semantics() -> Iterator[None]:
     if torch.cuda.is_available():
         yield
         return
-    api = compat._serial_stream_api()
-    compat._warm_dynamo_rule_caches()
-    with contextlib.ExitStack() as stack:
-        saved = {name: getattr(torch.cuda, name) for name in api}
-        for name, replacement in api.items():
-            setattr(torch.cuda, name, replacement)
-        stack.callback(lambda: [setattr(torch.cuda, n, v) for n, v in saved.items()])
-        compat._TARGET.append(torch.device("cpu"))
-        stack.callback(compat._TARGET.pop)
-        compat._CURRENT.append(compat.CompatStream())
-        stack.callback(compat._CURRENT.pop)
+    with compat.cuda_stream_api(torch.device("cpu")):
         yield
 
 

@@ -177,12 +177,9 @@ def _warm_dynamo_rule_caches() -> None:
 
 
 @contextlib.contextmanager
-def cuda_compat(device: str | torch.device) -> Iterator[torch.device]:
-    """Run CUDA-oriented Python against `device` (eagerly and under Dynamo) inside this block."""
-    target = parse_device(device)
-    if target.type == "cuda":
-        yield target
-        return
+def cuda_stream_api(target: torch.device) -> Iterator[None]:
+    """Inside the block `torch.cuda`'s stream API (Stream, Event, current_stream, stream, ...) gives
+    `target`'s streams, or on CPU the recording stand-ins; devices are left alone (see cuda_compat)."""
     api = _native_stream_api(target) if target.type != "cpu" else _serial_stream_api()
     _warm_dynamo_rule_caches()
     with contextlib.ExitStack() as stack:
@@ -195,6 +192,15 @@ def cuda_compat(device: str | torch.device) -> Iterator[torch.device]:
         if target.type == "cpu":
             _CURRENT.append(CompatStream())
             stack.callback(_CURRENT.pop)
-        stack.enter_context(_dynamo_is_cuda(target.type))
-        stack.enter_context(RetargetCudaMode(target))
+        yield
+
+
+@contextlib.contextmanager
+def cuda_compat(device: str | torch.device) -> Iterator[torch.device]:
+    """Run CUDA-oriented Python against `device` (eagerly and under Dynamo) inside this block."""
+    target = parse_device(device)
+    if target.type == "cuda":
+        yield target
+        return
+    with cuda_stream_api(target), _dynamo_is_cuda(target.type), RetargetCudaMode(target):
         yield target
