@@ -9,7 +9,7 @@ import torch
 
 from dsv4_compile.backend import dsv4_xpu, input_devices
 from dsv4_compile.compat import cuda_compat
-from dsv4_compile.options import BackendOptions
+from dsv4_compile.options import BackendOptions, parse_device
 
 
 class CompiledModel:
@@ -41,7 +41,7 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
 
     `options` are the backend's (strict, disable, inductor); `fullgraph` and `dynamic` go to torch.compile.
     """
-    device_str = None if device is None else str(torch.device(device))
+    device_str = None if device is None else str(parse_device(device))  # DeviceError, not RuntimeError
     opts = BackendOptions.from_mapping({**options, "device": device_str})
     compiled = torch.compile(model, backend=dsv4_xpu, options={**options, "device": opts.device},
                              fullgraph=fullgraph, dynamic=dynamic)

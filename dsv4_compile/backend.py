@@ -54,7 +54,8 @@ def resolve_device(requested: str | None, example_inputs: Sequence[Any]) -> torc
     if requested is not None:
         device = parse_device(requested)
         if devices and next(iter(devices)).type != device.type:
-            raise DeviceError(f"options device={str(device)!r} but the inputs live on {next(iter(devices))}")
+            missing = "" if device_available(device) else f" (and '{device}' is not available in this process)"
+            raise DeviceError(f"options device={str(device)!r} but the inputs live on {next(iter(devices))}{missing}")
     else:
         device = next(iter(devices)) if devices else torch.device("cpu")
     if not device_available(device):

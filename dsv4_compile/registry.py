@@ -32,12 +32,15 @@ class NativeLowering:
     out_arg:   name of the mutated out-parameter, for out-style ops that return nothing.
     declared:  the op's parameter names in schema order, with defaults for the optional ones; None to
                read them from the op's registered schema.
+    check:     optional contract check of the op's arguments (all of them, `out_arg` included, by name),
+               called by the passes with the recorded example values; raises ValueError saying what is wrong.
     """
 
     qualname: str
     native: Callable[..., object]
     out_arg: str | None
     declared: tuple[tuple[str, object], ...] | None
+    check: Callable[..., object] | None = None
 
     @property
     def params(self) -> tuple[tuple[str, object], ...]:
@@ -56,20 +59,27 @@ LOWERINGS: dict[str, NativeLowering] = {}
 
 
 def native_lowering(
-    qualname: str, *, params: tuple[str | tuple[str, object], ...] | None = None, out_arg: str | None = None
+    qualname: str,
+    *,
+    params: tuple[str | tuple[str, object], ...] | None = None,
+    out_arg: str | None = None,
+    check: Callable[..., object] | None = None,
 ) -> Callable[[Callable[..., object]], Callable[..., object]]:
     """Register `fn` as the native lowering of the CUDA-only op `qualname`.
 
     `params` lists the op's parameters in schema order (a bare name for a required one, a `(name, default)`
     pair for an optional one); leave it out to take them from the op's registered schema. Give it where
     the op may be defined elsewhere with an older schema (vLLM's `_C` library).
+    `check(**arguments)` (out argument included) raises ValueError when the kernel would reject the call
+    (a result buffer of the wrong shape or dtype, ...); the rewrite then stops with an error naming the node
+    instead of producing a silently different result (`copy_` broadcasts and casts, a kernel does not).
     """
 
     def register(fn: Callable[..., object]) -> Callable[..., object]:
         normalised = None if params is None else tuple(p if isinstance(p, tuple) else (p, _NO_DEFAULT) for p in params)
         if qualname in LOWERINGS and LOWERINGS[qualname].native is not fn:
             raise ValueError(f"{qualname} already has a native lowering: {LOWERINGS[qualname].native}")
-        LOWERINGS[qualname] = NativeLowering(qualname, fn, out_arg, normalised)
+        LOWERINGS[qualname] = NativeLowering(qualname, fn, out_arg, normalised, check)
         return fn
 
     return register

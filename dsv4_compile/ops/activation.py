@@ -16,7 +16,28 @@ QUALNAME = "_C::silu_and_mul_with_clamp"
 SCHEMA = "silu_and_mul_with_clamp(Tensor(a!) result, Tensor input, float limit, float alpha=1.0, float beta=0.0) -> ()"
 
 
-@native_lowering(QUALNAME, params=("result", "input", "limit", ("alpha", 1.0), ("beta", 0.0)), out_arg="result")
+def check_buffers(result: torch.Tensor, input: torch.Tensor) -> None:
+    """The fused kernel's contract on its operands; raises ValueError with what is wrong."""
+    if input.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul_with_clamp: input's last dim must be even, got shape {tuple(input.shape)}")
+    expected = (*input.shape[:-1], input.shape[-1] // 2)
+    if tuple(result.shape) != expected:
+        raise ValueError(
+            f"silu_and_mul_with_clamp: result has shape {tuple(result.shape)}, expected {expected} "
+            f"for input of shape {tuple(input.shape)}"
+        )
+    if result.dtype != input.dtype:
+        raise ValueError(f"silu_and_mul_with_clamp: result dtype {result.dtype} != input dtype {input.dtype}")
+    if result.device != input.device:
+        raise ValueError(f"silu_and_mul_with_clamp: result on {result.device}, input on {input.device}")
+
+
+def _fake(result: torch.Tensor, input: torch.Tensor, limit: float, alpha: float = 1.0, beta: float = 0.0) -> None:
+    check_buffers(result, input)
+
+
+@native_lowering(QUALNAME, params=("result", "input", "limit", ("alpha", 1.0), ("beta", 0.0)), out_arg="result",
+                 check=_fake)
 def silu_and_mul_with_clamp_native(
     input: torch.Tensor,
     limit: float,
@@ -37,26 +58,6 @@ def silu_and_mul_with_clamp_native(
     act = torch.nn.functional.silu(gate) if alpha == 1.0 else gate * torch.sigmoid(alpha * gate)
     act = act.to(dtype)
     return (act.float() * (up + beta)).to(dtype)
-
-
-def check_buffers(result: torch.Tensor, input: torch.Tensor) -> None:
-    """The fused kernel's contract on its operands; raises ValueError with what is wrong."""
-    if input.shape[-1] % 2:
-        raise ValueError(f"silu_and_mul_with_clamp: input's last dim must be even, got shape {tuple(input.shape)}")
-    expected = (*input.shape[:-1], input.shape[-1] // 2)
-    if tuple(result.shape) != expected:
-        raise ValueError(
-            f"silu_and_mul_with_clamp: result has shape {tuple(result.shape)}, expected {expected} "
-            f"for input of shape {tuple(input.shape)}"
-        )
-    if result.dtype != input.dtype:
-        raise ValueError(f"silu_and_mul_with_clamp: result dtype {result.dtype} != input dtype {input.dtype}")
-    if result.device != input.device:
-        raise ValueError(f"silu_and_mul_with_clamp: result on {result.device}, input on {input.device}")
-
-
-def _fake(result: torch.Tensor, input: torch.Tensor, limit: float, alpha: float = 1.0, beta: float = 0.0) -> None:
-    check_buffers(result, input)
 
 
 def _cpu(result: torch.Tensor, input: torch.Tensor, limit: float, alpha: float = 1.0, beta: float = 0.0) -> None:

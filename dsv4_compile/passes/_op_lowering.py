@@ -39,7 +39,9 @@ def lower_registered_op(
         if node.op != "call_function" or op_qualname(node.target) != qualname:
             continue
         result.matched += 1
-        bound = {**_bind(node, lowering), **(overrides or {})}
+        bound = _bind(node, lowering)
+        _check_contract(node, lowering, bound)
+        bound = {**bound, **(overrides or {})}
         if lowering.out_arg is None:
             _replace_functional(gm.graph, node, lowering, bound)
         else:
@@ -73,6 +75,22 @@ def _bind(node: torch.fx.Node, lowering: NativeLowering) -> dict[str, object]:
                 raise UnsupportedNodeError(node, f"{lowering.qualname}: missing required argument '{name}'")
             bound[name] = default
     return bound
+
+
+def _check_contract(node: torch.fx.Node, lowering: NativeLowering, bound: dict[str, object]) -> None:
+    """Run the lowering's contract check on the call's recorded example values (skipped when an argument has
+    none): a call the kernel would reject must not become a native call that broadcasts or casts instead."""
+    if lowering.check is None:
+        return
+    nodes: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(list(bound.values()), nodes.append)
+    if any(example_value(n) is None for n in nodes):
+        return
+    values = torch.fx.node.map_arg(bound, example_value)
+    try:
+        lowering.check(**values)
+    except ValueError as exc:
+        raise UnsupportedNodeError(node, f"{lowering.qualname}: the call breaks the kernel's contract: {exc}") from exc
 
 
 def _schema_arg_names(target: object) -> list[str] | None:
