@@ -8,7 +8,10 @@ import torch
 
 from dsv4_compile.models.deepseek_v4 import DeepseekV4Config, DeepseekV4Model, oracle_decode, oracle_prefill
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (eager CUDA-oriented path)")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (eager CUDA-oriented path)"),
+]
 
 
 def _ids(n: int, vocab: int, seed: int) -> torch.Tensor:
