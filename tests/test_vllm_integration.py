@@ -331,3 +331,40 @@ def test_real_vllm_pass_manager_runs_the_pass_and_keys_on_its_uuid(monkeypatch):
             result = torch.compile(_silu_fresh, backend="inductor")(x)
     torch.testing.assert_close(result, silu_and_mul_with_clamp_native(x, 7.0) * 2)
     assert pass_.last_result["registered_ops"].changed == 1
+
+
+# --- the lowering's contract check also guards the post-grad path ----------------------------------------
+
+
+@contextlib.contextmanager
+def _permissive_out_op() -> Iterator[None]:
+    """An out-style op whose fake checks nothing, so a wrong buffer reaches post-grad; its lowering checks."""
+    lib = torch.library.Library("_C", "FRAGMENT")
+    lib.define("dsv4_test_permissive_double(Tensor(a!) out, Tensor x) -> ()")
+    torch.library.register_fake("_C::dsv4_test_permissive_double", lambda out, x: None, lib=lib)
+    lib.impl("dsv4_test_permissive_double", lambda out, x: out.copy_(x * 2), "CPU")
+
+    def check(out: torch.Tensor, x: torch.Tensor) -> None:
+        if out.shape != x.shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(x.shape)}")
+
+    native_lowering("_C::dsv4_test_permissive_double", out_arg="out", check=check)(
+        lambda x, out_dtype=None: (x * 2).to(out_dtype or x.dtype))
+    try:
+        yield
+    finally:
+        LOWERINGS.pop("_C::dsv4_test_permissive_double", None)
+        lib._destroy()
+
+
+def test_post_grad_pass_rejects_a_buffer_the_kernel_would_reject():
+    def fill(x, out):
+        torch.ops._C.dsv4_test_permissive_double(out, x)
+        return out
+
+    with _permissive_out_op(), inductor_config.patch(post_grad_custom_post_pass=Dsv4PostGradPass()):
+        torch.testing.assert_close(torch.compile(fill, backend="inductor")(torch.ones(3), torch.zeros(3)),
+                                   torch.full((3,), 2.0))
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=r"out has shape \(2, 3\), expected \(3,\)"):
+            torch.compile(fill, backend="inductor")(torch.ones(3), torch.zeros(2, 3))

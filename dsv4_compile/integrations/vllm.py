@@ -197,6 +197,11 @@ def _auto_functionalized_replacement(
         else:
             out = clone_preserve_strides(kwargs.pop(lowering.out_arg))
             mutated = [out]
+        if lowering.check is not None:  # the contract the fused kernel enforces; copy_ would broadcast or cast
+            try:
+                lowering.check(**{lowering.out_arg: out}, **kwargs)
+            except ValueError as exc:
+                raise UnsupportedNodeError(node, f"{lowering.qualname}: {exc}") from exc
         out.copy_(lowering.native(**kwargs, out_dtype=out.dtype))
         return (None, *mutated)  # slot 0 is the op's own (empty) result
 
