@@ -51,24 +51,11 @@ from . import cuda_ops  # noqa: F401 - defines the dsv4_cuda ops
 from .cache import CompressorState, LayerCache, SequenceCache, new_cache
 from .modeling import Attention, Compressor, DeepseekV4Model, Expert, Indexer, MoE
 from .oracle import rms_norm
-from .rope import layer_inv_freq, rope_cos_sin
+from .rope import layer_inv_freq, rope_cos_sin, rope_last
 from .static_cache import StaticCache
 from .triton_kernels import inv_rope, save_partial_states
 
 NUM_SM_PARTS = 8  # tile-scheduler parts (FlashMLA derives it from the SM count)
-
-
-def rope_last(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The oracle's ``rope.rope_last`` (forward rotation of the last ``2 * cos.shape[-1]`` dims), written
-    with ``reshape`` instead of ``Tensor.unflatten``, which Dynamo cannot trace under a torch-function mode."""
-    half = cos.shape[-1]
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (half,)
-    c, s = cos.reshape(shape), sin.reshape(shape)
-    keep = x.shape[-1] - 2 * half
-    pairs = x[..., keep:].float().reshape(*x.shape[:-1], half, 2)
-    e, o = pairs[..., 0], pairs[..., 1]
-    rot = torch.stack((e * c - o * s, o * c + e * s), dim=-1).reshape(*x.shape[:-1], 2 * half)
-    return torch.cat((x[..., :keep], rot.to(x.dtype)), dim=-1)
 
 
 def compress(comp: Compressor, x: torch.Tensor, start_pos: int, state: CompressorState,
@@ -297,6 +284,17 @@ class CudaDeepseekV4(nn.Module):
     def forward(self, input_ids: torch.Tensor, caches: Sequence[SequenceCache],
                 seq_lens: Sequence[int]) -> torch.Tensor:
         """Logits ``[T, vocab]`` fp32 of the concatenated new tokens (the oracle's ``model_forward``)."""
+        logits = self.decoder(input_ids, lambda i, attn, x: self.attention(i, attn, x, [c.layers[i] for c in caches],
+                                                                            seq_lens))
+        for c, n in zip(caches, seq_lens, strict=True):
+            c.length += n
+        return logits
+
+    def decoder(self, input_ids: torch.Tensor,
+                attend: Callable[[int, Attention, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``embed -> layers -> hc_head -> norm -> head``, the CUDA path's structure: fused mHC ops, each layer's
+        ffn post fused with the next layer's attention pre (deferred post). ``attend(i, attn, x)`` is layer
+        ``i``'s attention on its normed input. Logits ``[T, vocab]`` fp32."""
         model, cfg = self.model, self.model.config
         kw = (cfg.rms_norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters)
         ops = torch.ops.dsv4_cuda
@@ -306,8 +304,7 @@ class CudaDeepseekV4(nn.Module):
         first = layers[0]
         x, post, comb = ops.mhc_pre(h, first.hc_attn_fn, first.hc_attn_scale, first.hc_attn_base, *kw)
         for i, layer in enumerate(layers):
-            x = self.attention(i, layer.attn, rms_norm(x, layer.attn_norm.weight, layer.attn_norm.eps),
-                               [c.layers[i] for c in caches], seq_lens)
+            x = attend(i, layer.attn, rms_norm(x, layer.attn_norm.weight, layer.attn_norm.eps))
             h, x, post, comb = ops.mhc_fused_post_pre(
                 x, h, post, comb, layer.hc_ffn_fn, layer.hc_ffn_scale, layer.hc_ffn_base, *kw)
             x = self.moe(layer.ffn, rms_norm(x, layer.ffn_norm.weight, layer.ffn_norm.eps), input_ids)
@@ -319,8 +316,6 @@ class CudaDeepseekV4(nn.Module):
                 h = ops.mhc_post(x, h, post, comb)
         x = ops.hc_head(h, model.hc_head_fn, model.hc_head_scale, model.hc_head_base, kw[0], kw[1])
         x = rms_norm(x, model.norm.weight, model.norm.eps)
-        for c, n in zip(caches, seq_lens, strict=True):
-            c.length += n
         return F.linear(x, model.head.weight).float()
 
     @torch.no_grad()
@@ -436,35 +431,14 @@ class CudaDeepseekV4(nn.Module):
         ``decode=False``: T tokens of ONE slot, contiguous positions from its length (prefill / chunked
         prefill); ``decode=True``: one token per distinct slot. Updates ``cache`` in place (no Python
         branch on any value) and returns logits ``[T, vocab]`` fp32."""
-        model, cfg = self.model, self.model.config
-        kw = (cfg.rms_norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters)
-        ops = torch.ops.dsv4_cuda
         torch._check(input_ids.shape[0] >= 1)  # at least one token: lets the compiler size slots[:1] as 1
         new_len = cache.lengths.scatter_reduce(0, slots, positions + 1, "amax")
         b = StaticBatch(positions, slots, cache.lengths[slots], new_len[slots] - 1, cache.trash, decode, [])
-        x = F.embedding(input_ids, model.embed.weight)
-        h = x[:, None, :].expand(-1, cfg.hc_mult, -1).contiguous()
-        layers = list(model.layers)
-        first = layers[0]
-        x, post, comb = ops.mhc_pre(h, first.hc_attn_fn, first.hc_attn_scale, first.hc_attn_base, *kw)
-        for i, layer in enumerate(layers):
-            x = self.attention_static(i, layer.attn, rms_norm(x, layer.attn_norm.weight, layer.attn_norm.eps),
-                                      b, cache)
-            h, x, post, comb = ops.mhc_fused_post_pre(
-                x, h, post, comb, layer.hc_ffn_fn, layer.hc_ffn_scale, layer.hc_ffn_base, *kw)
-            x = self.moe(layer.ffn, rms_norm(x, layer.ffn_norm.weight, layer.ffn_norm.eps), input_ids)
-            if i + 1 < len(layers):  # deferred post: fused with the next layer's attention pre
-                nxt = layers[i + 1]
-                h, x, post, comb = ops.mhc_fused_post_pre(
-                    x, h, post, comb, nxt.hc_attn_fn, nxt.hc_attn_scale, nxt.hc_attn_base, *kw)
-            else:
-                h = ops.mhc_post(x, h, post, comb)
-        x = ops.hc_head(h, model.hc_head_fn, model.hc_head_scale, model.hc_head_base, kw[0], kw[1])
-        x = rms_norm(x, model.norm.weight, model.norm.eps)
+        logits = self.decoder(input_ids, lambda i, attn, x: self.attention_static(i, attn, x, b, cache))
         for buf, index, values in b.writes:  # the only in-place cache updates, after every stream event
             buf.index_put_(index, values)
         cache.lengths.copy_(new_len)
-        return F.linear(x, model.head.weight).float()
+        return logits
 
     def prefill_static(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                        cache: StaticCache) -> torch.Tensor:

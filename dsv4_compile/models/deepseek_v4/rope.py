@@ -60,7 +60,8 @@ def rope_last(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bo
     c, s = cos.reshape(shape), sin.reshape(shape)
     if inverse:
         s = -s
-    pairs = x[..., x.shape[-1] - 2 * half:].float().unflatten(-1, (half, 2))
+    # reshape, not unflatten: Dynamo cannot trace Tensor.unflatten under a torch-function mode (cuda_compat)
+    pairs = x[..., x.shape[-1] - 2 * half:].float().reshape(*x.shape[:-1], half, 2)
     e, o = pairs[..., 0], pairs[..., 1]
-    rot = torch.stack((e * c - o * s, o * c + e * s), dim=-1).flatten(-2)
+    rot = torch.stack((e * c - o * s, o * c + e * s), dim=-1).reshape(*x.shape[:-1], 2 * half)
     return torch.cat((x[..., : x.shape[-1] - 2 * half], rot.to(x.dtype)), dim=-1)

@@ -20,6 +20,8 @@ import torch
 
 from dsv4_compile.registry import triton_fallback
 
+from .rope import rope_last
+
 try:  # Triton is optional: CPU-only machines may lack it
     import triton
     import triton.language as tl
@@ -84,9 +86,7 @@ def _save_states_fallback(src_kv: torch.Tensor, src_sc: torch.Tensor, dst_kv: to
 def _inv_rope_fallback(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, n_heads: int,
                        **block_sizes: int) -> None:
     """What `_inv_rope_kernel` does, in plain torch (for targets without Triton)."""
-    from .cuda_model import rope_last
-
-    out.copy_(rope_last(x.reshape(out.shape), cos, -sin))
+    out.copy_(rope_last(x.reshape(out.shape), cos, sin, inverse=True))
 
 
 def _use_kernel(t: torch.Tensor) -> bool:
@@ -119,9 +119,7 @@ def inv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     """``x [T, H, D]`` with its last ``2 * cos.shape[-1]`` dims rotated back by each token's angles
     (``cos``, ``sin`` ``[T, rope_dim // 2]`` fp32): the oracle's ``rope_last(..., inverse=True)``."""
     if not _use_kernel(x):  # CPU fallback only where eager CPU needs one
-        from .cuda_model import rope_last
-
-        return rope_last(x, cos, -sin)
+        return rope_last(x, cos, sin, inverse=True)
     t, h, d = x.shape
     half = cos.shape[-1]
     x = x.contiguous()
