@@ -50,7 +50,7 @@ import dsv4_compile.ops.activation  # noqa: F401 - defines _C::silu_and_mul_with
 from . import cuda_ops  # noqa: F401 - defines the dsv4_cuda ops
 from .cache import CompressorState, LayerCache, SequenceCache, new_cache
 from .modeling import Attention, Compressor, DeepseekV4Model, Expert, Indexer, MoE
-from .oracle import rms_norm
+from .oracle import index_scores, rms_norm, top_entries
 from .rope import layer_inv_freq, rope_cos_sin, rope_last
 from .static_cache import StaticCache
 from .triton_kernels import inv_rope, save_partial_states
@@ -96,19 +96,10 @@ def indexer_topk(indexer: Indexer, x: torch.Tensor, qr: torch.Tensor, start_pos:
     """The oracle's ``indexer_topk`` (stable descending sort, -1 = none), with the causal mask built
     from a hard-coded ``torch.arange(0, n, device="cuda")``."""
     compress(indexer.compressor, x, start_pos, state, inv_freq)
-    keys = state.entries
-    n, nh, d, k = x.shape[0], indexer.n_heads, indexer.head_dim, indexer.topk
-    pos = torch.arange(start_pos, start_pos + n, device=x.device)
-    cos, sin = rope_cos_sin(pos, inv_freq)
-    qi = rope_last(F.linear(qr, indexer.wq_b.weight).view(n, nh, d), cos, sin)
-    w = F.linear(x, indexer.weights_proj.weight).float() * (d ** -0.5 * nh ** -0.5)
-    logits = torch.einsum("th,thc->tc", w, torch.einsum("thd,cd->thc", qi.float(), keys.float()).relu())
-    causal = torch.arange(0, keys.shape[0], device="cuda")[None, :] < ((pos + 1) // 4)[:, None]
-    logits = logits.masked_fill(~causal, float("-inf"))
-    kk = min(k, keys.shape[0])
-    vals, idx = logits.sort(dim=-1, descending=True, stable=True)
-    idx = idx[:, :kk].masked_fill(vals[:, :kk] == float("-inf"), -1)
-    return torch.cat([idx, idx.new_full((n, k - kk), -1)], dim=1)
+    pos = torch.arange(start_pos, start_pos + x.shape[0], device=x.device)
+    logits = index_scores(indexer, x, qr, pos, inv_freq, state.entries)
+    causal = torch.arange(0, state.entries.shape[0], device="cuda")[None, :] < ((pos + 1) // 4)[:, None]
+    return top_entries(logits.masked_fill(~causal, float("-inf")), indexer.topk)
 
 
 class CudaDeepseekV4(nn.Module):

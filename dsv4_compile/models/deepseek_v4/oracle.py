@@ -107,16 +107,25 @@ def indexer_topk(
     descending logit order, ties to the lower entry index.
     """
     compressor_forward(indexer.compressor, x, start_pos, state, inv_freq)
-    keys = state.entries
-    n, nh, d, k = x.shape[0], indexer.n_heads, indexer.head_dim, indexer.topk
-    pos = torch.arange(start_pos, start_pos + n, device=x.device)
+    pos = torch.arange(start_pos, start_pos + x.shape[0], device=x.device)
+    logits = index_scores(indexer, x, qr, pos, inv_freq, state.entries)
+    causal = torch.arange(state.entries.shape[0], device=x.device)[None, :] < ((pos + 1) // 4)[:, None]
+    return top_entries(logits.masked_fill(~causal, float("-inf")), indexer.topk)
+
+
+def index_scores(indexer: Indexer, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
+                 keys: torch.Tensor) -> torch.Tensor:
+    """Unmasked indexer logits ``[n, E]``: ``sum_h w[t, h] relu(qi[t, h] . keys[j])`` (fp32)."""
+    n, nh, d = x.shape[0], indexer.n_heads, indexer.head_dim
     cos, sin = rope_cos_sin(pos, inv_freq)
     qi = rope_last(F.linear(qr, indexer.wq_b.weight).view(n, nh, d), cos, sin)
     w = F.linear(x, indexer.weights_proj.weight).float() * (d ** -0.5 * nh ** -0.5)
-    logits = torch.einsum("th,thc->tc", w, torch.einsum("thd,cd->thc", qi.float(), keys.float()).relu())
-    causal = torch.arange(keys.shape[0], device=x.device)[None, :] < ((pos + 1) // 4)[:, None]
-    logits = logits.masked_fill(~causal, float("-inf"))
-    kk = min(k, keys.shape[0])
+    return torch.einsum("th,thc->tc", w, torch.einsum("thd,cd->thc", qi.float(), keys.float()).relu())
+
+
+def top_entries(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[n, k]`` of the ``k`` largest logits per row (-inf ones and missing ones -> -1)."""
+    n, kk = logits.shape[0], min(k, logits.shape[1])
     # Stable sort: ties (e.g. every head's relu at 0) go to the older entry, so the choice is well defined.
     vals, idx = logits.sort(dim=-1, descending=True, stable=True)
     vals, idx = vals[:, :kk], idx[:, :kk]
