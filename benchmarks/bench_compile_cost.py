@@ -16,9 +16,9 @@ import torch
 
 import dsv4_compile
 from benchmarks.common import plot, print_table, write_results
+from dsv4_compile.lowering.pipeline import run_pipeline
 from dsv4_compile.models.deepseek_v4 import DeepseekV4Config, DeepseekV4Model
 from dsv4_compile.models.deepseek_v4.cuda_model import CudaDeepseekV4
-from dsv4_compile.pipeline import run_pipeline
 
 LAYERS = (1, 4, 16, 43)
 INDUCTOR_LAYERS = (1, 4)

@@ -2,24 +2,30 @@
 
     model = dsv4_compile.compile(model, device="xpu")         # or torch.compile(model, backend="dsv4_xpu")
     print(dsv4_compile.last_report())
+
+The flow, as the folders show it: frontend/ (before the graph exists: cuda_compat, capture, compile) ->
+lowering/ (backend, pipeline, registry + lowerings, passes, audit) -> Inductor; tools/ around it.
 """
 
-from dsv4_compile import ops as _ops  # noqa: F401 - defines _C::silu_and_mul_with_clamp when missing
-from dsv4_compile.api import CompiledModel, compile
-from dsv4_compile.backend import dsv4_xpu
-from dsv4_compile.capture import CaptureError, capture, rewrite
-from dsv4_compile.codegen import CodegenResult, CudaOnlyCodeError, codegen
-from dsv4_compile.compat import cuda_compat
-from dsv4_compile.diff import DiffRecorder, PassDiff
 from dsv4_compile.errors import (
     CudaOnlyNodesError,
     DeviceError,
     Dsv4CompileError,
+    LoweringContractError,
     OptionsError,
     UnsupportedNodeError,
 )
-from dsv4_compile.options import BackendOptions
-from dsv4_compile.pipeline import PASSES, RewriteReport, all_reports, last_report, run_pipeline
+from dsv4_compile.frontend import ops as _ops  # noqa: F401 - defines _C::silu_and_mul_with_clamp when missing
+from dsv4_compile.frontend.api import CompiledModel, compile
+from dsv4_compile.frontend.capture import CaptureError, capture, rewrite
+from dsv4_compile.frontend.cuda_compat import cuda_compat
+from dsv4_compile.lowering.backend import dsv4_xpu
+from dsv4_compile.lowering.options import BackendOptions
+from dsv4_compile.lowering.pipeline import PASSES, run_pipeline
+from dsv4_compile.lowering.registry import native_lowering, triton_fallback
+from dsv4_compile.lowering.report import RewriteReport, all_reports, last_report
+from dsv4_compile.tools.codegen import CodegenResult, CudaOnlyCodeError, codegen
+from dsv4_compile.tools.diff import DiffRecorder, PassDiff
 
 __all__ = [
     "PASSES",
@@ -32,6 +38,7 @@ __all__ = [
     "DeviceError",
     "DiffRecorder",
     "Dsv4CompileError",
+    "LoweringContractError",
     "OptionsError",
     "PassDiff",
     "RewriteReport",
@@ -43,6 +50,8 @@ __all__ = [
     "cuda_compat",
     "dsv4_xpu",
     "last_report",
+    "native_lowering",
     "rewrite",
     "run_pipeline",
+    "triton_fallback",
 ]

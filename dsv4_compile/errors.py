@@ -27,6 +27,16 @@ class UnsupportedNodeError(Dsv4CompileError):
         super().__init__(f"{reason}\n  {describe_node(node)}")
 
 
+class LoweringContractError(UnsupportedNodeError):
+    """A call that the CUDA kernel would reject (wrong buffer shape or dtype, ...), found at rewrite time or by
+    the guard emitted where the values were not known then. The message names the node and its source line."""
+
+    def __init__(self, message: str, node: torch.fx.Node | None = None) -> None:
+        self.node = node
+        self.reason = message
+        Dsv4CompileError.__init__(self, message if node is None else f"{message}\n  {describe_node(node)}")
+
+
 class CudaOnlyNodesError(Dsv4CompileError):
     """The residual-CUDA audit found CUDA-only nodes after all rewrites."""
 
@@ -34,13 +44,13 @@ class CudaOnlyNodesError(Dsv4CompileError):
         self.findings = findings
         lines = [f"{len(findings)} CUDA-only node(s) left in the graph for target device '{device}':"]
         lines += [f"  - {describe_node(node)}\n      why: {why}" for node, why in findings]
-        lines.append("Register a native lowering (dsv4_compile.registry.native_lowering) or pass strict=False.")
+        lines.append("Register a native lowering (dsv4_compile.native_lowering) or pass strict=False.")
         super().__init__("\n".join(lines))
 
 
 def node_target_name(node: torch.fx.Node) -> str:
     """A short readable name for what a node calls."""
-    from dsv4_compile.registry import op_qualname
+    from dsv4_compile.lowering.registry import op_qualname
 
     target = node.target
     if node.op == "call_method":
@@ -52,7 +62,7 @@ def node_target_name(node: torch.fx.Node) -> str:
     return resolved or getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
 
 
-_NOT_USER_CODE = ("/torch/", "dsv4_compile/compat.py")
+_NOT_USER_CODE = ("/torch/", "dsv4_compile/frontend/cuda_compat.py")
 
 
 def user_source_line(node: torch.fx.Node) -> str:

@@ -5,9 +5,9 @@ import torch
 
 import dsv4_compile
 from dsv4_compile import BackendOptions, DeviceError, OptionsError
-from dsv4_compile.backend import dsv4_xpu, resolve_device
-from dsv4_compile.demo import CudaOrientedBlock, native_block
-from dsv4_compile.pipeline import pass_names
+from dsv4_compile.lowering.backend import dsv4_xpu, resolve_device
+from dsv4_compile.lowering.pipeline import pass_names
+from tests.blocks import CudaOrientedBlock, native_block
 from tests.conftest import capture_graph, needs_trace_time_retarget
 
 
@@ -22,7 +22,8 @@ def test_backend_is_registered_by_entry_point():
     ("options", "message"),
     [
         ({"devcie": "cpu"}, r"unknown dsv4_xpu option\(s\) \['devcie'\]; valid options are \['device', 'strict'"),
-        ({"disable": ["no_such_pass"]}, r"unknown pass\(es\) \['no_such_pass'\]; passes are \['silu_and_mul"),
+        ({"disable": ["no_such_pass"]},
+         r"unknown pass\(es\) \['no_such_pass'\]; passes are \['aux_streams'.*op families are \[.*'activation'"),
         ({"disable": ["audit"]}, "cannot be disabled"),
         ({"strict": "yes"}, "must be bool"),
         ({"device": "tpu"}, "unknown device 'tpu'|unsupported target device 'tpu'"),
@@ -59,11 +60,11 @@ def test_compile_by_name_rewrites_and_reports(caplog):
     torch.testing.assert_close(out, native_block(block, x), rtol=1e-4, atol=1e-4)
     report = dsv4_compile.last_report()
     assert [s.name for s in report.passes] == list(pass_names())
-    assert report["silu_and_mul_with_clamp"].changed == 1
+    assert report["activation"].changed == 1
     assert report["aux_streams"].changed > 0
     assert report["audit"].matched == 0
     text = str(report)
-    assert "silu_and_mul_with_clamp" in text and "matched" in text and "changed" in text
+    assert "lower_ops" in text and "activation" in text and "matched" in text and "changed" in text
     assert any("dsv4_xpu rewrite of graph" in r.getMessage() for r in caplog.records)
 
 
@@ -83,9 +84,9 @@ def test_plain_model_passes_through_unchanged():
 def test_disabled_pass_makes_the_audit_fail_with_the_source_line():
     block, x = block_and_input()
     with dsv4_compile.cuda_compat("cpu"), pytest.raises(Exception) as info:
-        torch.compile(block, backend="dsv4_xpu", options={"disable": ["silu_and_mul_with_clamp"]})(x)
+        torch.compile(block, backend="dsv4_xpu", options={"disable": ["activation"]})(x)
     assert "_C::silu_and_mul_with_clamp has a native lowering that was not applied" in str(info.value)
-    assert "demo.py" in str(info.value)
+    assert "blocks.py" in str(info.value)
 
 
 @needs_trace_time_retarget
@@ -93,4 +94,4 @@ def test_inductor_false_runs_the_rewritten_graph_eagerly():
     block, x = block_and_input()
     compiled = dsv4_compile.compile(block, inductor=False)
     torch.testing.assert_close(compiled(x), native_block(block, x), rtol=1e-5, atol=1e-5)
-    assert dsv4_compile.last_report()["silu_and_mul_with_clamp"].changed == 1
+    assert dsv4_compile.last_report()["activation"].changed == 1

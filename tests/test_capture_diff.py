@@ -11,14 +11,15 @@ import torch
 
 import dsv4_compile
 from dsv4_compile import DiffRecorder, capture, rewrite
-from dsv4_compile.backend import dsv4_xpu
-from dsv4_compile.demo import CudaOrientedBlock
-from dsv4_compile.passes.audit import find_cuda_only_nodes
-from dsv4_compile.passes.aux_streams import is_stream_node, stream_tag
-from dsv4_compile.passes.device_constants import cuda_device_uses
+from dsv4_compile.lowering.backend import dsv4_xpu
+from dsv4_compile.lowering.passes.audit import find_cuda_only_nodes
+from dsv4_compile.lowering.passes.aux_streams import is_stream_node, stream_tag
+from dsv4_compile.lowering.passes.device_constants import cuda_device_uses
+from dsv4_compile.models.deepseek_v4.oracle import _silu_and_mul_with_clamp as oracle_activation
+from tests.blocks import CudaOrientedBlock
 from tests.conftest import capture_graph, targets
 
-CHANGING_PASSES = ["silu_and_mul_with_clamp", "aux_streams", "device_constants"]
+CHANGING_PASSES = ["aux_streams", "lower_ops", "device_constants"]
 
 
 def _block() -> CudaOrientedBlock:
@@ -49,7 +50,7 @@ def test_capture_keeps_cuda_devices_custom_ops_and_streams(captured):
     assert len(_cuda_constants(gm)) == 2  # torch.empty(device=h.device), torch.arange(device="cuda")
     # the model itself is untouched: real CPU parameters, cuda_compat's stand-ins gone again
     assert all(p.device.type == "cpu" and p.requires_grad for p in block.parameters())
-    assert torch.cuda.Stream is not dsv4_compile.compat.CompatStream
+    assert torch.cuda.Stream is not dsv4_compile.frontend.cuda_compat.CompatStream
     assert "__getitem__" not in torch._subclasses.fake_tensor.FakeTensor.__dict__
 
 
@@ -78,7 +79,7 @@ def test_rewrite_copies_removes_cuda_constructs_and_counts_them(captured):
     assert find_cuda_only_nodes(new, torch.device("xpu")) == []
     assert _stream_work(new) == 0 and _cuda_constants(new) == []
     assert "_C::silu_and_mul_with_clamp" not in targets(new)
-    assert report["silu_and_mul_with_clamp"].changed == 1
+    assert report["activation"].changed == 1
     assert report["aux_streams"].matched == streams == report["aux_streams"].changed
     assert report["device_constants"].changed == 1
     assert report["audit"].matched == 0
@@ -94,7 +95,7 @@ def test_per_pass_diffs(captured, tmp_path):
     assert stage_files == sorted(f"{d.stem}.{ext}" for d in recorder.diffs for ext in ("before.py", "after.py", "diff"))
     assert "## demo block -> xpu" in (tmp_path / "index.md").read_text()
     assert recorder.diffs[0].before.startswith(gm.code.strip("\n"))  # the first 'before' is the capture
-    silu = recorder["silu_and_mul_with_clamp"]
+    silu = recorder["lower_ops"]
     removed = [ln for ln in silu.unified.splitlines() if ln.startswith("-") and not ln.startswith("---")]
     added = [ln for ln in silu.unified.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
     assert any("_C.silu_and_mul_with_clamp(" in ln for ln in removed)
@@ -125,12 +126,12 @@ def _silu_fn(x: torch.Tensor) -> torch.Tensor:
 def test_dump_dir_writes_index_and_stage_files(tmp_path):
     x = torch.randn(4, 8)
     compiled = torch.compile(_silu_fn, backend=dsv4_xpu, options={"dump_dir": tmp_path, "inductor": False})
-    torch.testing.assert_close(compiled(x), 2 * dsv4_compile.ops.silu_and_mul_with_clamp_native(x, 5.0))
+    torch.testing.assert_close(compiled(x), 2 * oracle_activation(x, 5.0))
     index = (tmp_path / "index.md").read_text()
-    assert "| 1 | silu_and_mul_with_clamp | 1 | 1 |" in index and "no change" in index
+    assert "| 2 | lower_ops | 1 | 1 |" in index and "no change" in index
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     names = sorted(p.name for p in folder.iterdir())
-    stem = "01.silu_and_mul_with_clamp"
+    stem = "02.lower_ops"
     assert names == [f"{stem}.after.py", f"{stem}.before.py", f"{stem}.diff"]
     assert f"({folder.name}/{stem}.diff)" in index
     assert "_C.silu_and_mul_with_clamp(" in (folder / f"{stem}.before.py").read_text()
@@ -139,7 +140,7 @@ def test_dump_dir_writes_index_and_stage_files(tmp_path):
 
 def test_dump_dir_records_a_failed_audit(tmp_path):
     gm, inputs = capture_graph(_silu_fn, torch.randn(4, 8))
-    options = {"dump_dir": str(tmp_path), "disable": ["silu_and_mul_with_clamp"], "inductor": False}
+    options = {"dump_dir": str(tmp_path), "disable": ["activation"], "inductor": False}
     with pytest.raises(dsv4_compile.CudaOnlyNodesError):
         dsv4_xpu(gm, inputs, options)
     assert "stopped with an error" in (tmp_path / "index.md").read_text()
@@ -173,10 +174,10 @@ def test_structured_log_artifacts_for_every_pass(trace_records):
     gm, inputs = capture_graph(_silu_fn, torch.randn(4, 8))
     dsv4_xpu(gm, inputs, {"inductor": False})
     artifacts = {k: v for k, v in _artifacts(trace_records).items() if k.startswith("dsv4_xpu.")}
-    names = dsv4_compile.pipeline.pass_names()
+    names = dsv4_compile.lowering.pipeline.pass_names()
     assert set(artifacts) == {f"dsv4_xpu.{i}.{n}.{s}" for i, n in enumerate(names, 1) for s in ("before", "after")}
-    assert "_C.silu_and_mul_with_clamp(" in artifacts["dsv4_xpu.1.silu_and_mul_with_clamp.before"]
-    assert "silu_and_mul_with_clamp_native(" in artifacts["dsv4_xpu.1.silu_and_mul_with_clamp.after"]
+    assert "_C.silu_and_mul_with_clamp(" in artifacts["dsv4_xpu.2.lower_ops.before"]
+    assert "silu_and_mul_with_clamp_native(" in artifacts["dsv4_xpu.2.lower_ops.after"]
 
 
 @pytest.mark.filterwarnings("ignore:.*You are trying to debug:UserWarning")
@@ -185,5 +186,5 @@ def test_depyf_dumps_every_stage(tmp_path):
     with depyf.prepare_debug(str(tmp_path)):
         torch.compile(_silu_fn, backend=dsv4_xpu, options={"inductor": False})(torch.randn(4, 8))
     files = [p.name for p in tmp_path.iterdir()]
-    for stage in ("dsv4_xpu.1.silu_and_mul_with_clamp.before", "dsv4_xpu.1.silu_and_mul_with_clamp.after"):
+    for stage in ("dsv4_xpu.2.lower_ops.before", "dsv4_xpu.2.lower_ops.after"):
         assert any(stage in f for f in files), files

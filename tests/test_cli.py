@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dsv4_compile.cli import _subject, main
-from dsv4_compile.pipeline import pass_names
+from dsv4_compile.lowering.pipeline import pass_names
+from dsv4_compile.tools.cli import _subject, main
 from tests.conftest import needs_trace_time_retarget
 
 
@@ -31,22 +31,22 @@ def test_passes(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in pass_names())
+    assert "activation" in out and "_C::silu_and_mul_with_clamp" in out and "dsv4_cuda::mhc_pre" in out
 
 
 def test_diff_shows_every_pass_that_changed(capsys):
     assert main(["diff", "--config", "tiny", "--mode", "prefill"]) == 0
     out = capsys.readouterr().out
-    for title in ("1. silu_and_mul_with_clamp: matched 36, changed 36", "2. mhc: matched 10, changed 10",
-                  "aux_streams: matched", "device_constants"):
+    for title in ("1. aux_streams: matched", "2. lower_ops: matched 46, changed 46", "device_constants"):
         assert title in out
-    assert "op-count delta" in out and "+++ 01.silu_and_mul_with_clamp.after.py" in out
+    assert "op-count delta" in out and "+++ 02.lower_ops.after.py" in out
 
 
 def test_diff_of_one_pass_to_html(tmp_path, capsys):
     html = tmp_path / "diff.html"
     assert main(["diff", "--mode", "decode", "--pass", "device_constants", "--html", str(html)]) == 0
     out = capsys.readouterr().out
-    assert "device_constants: matched" in out and "silu_and_mul_with_clamp: matched" not in out
+    assert "device_constants: matched" in out and "lower_ops: matched" not in out
     assert "<html" in html.read_text() and "device_constants" in html.read_text()
 
 

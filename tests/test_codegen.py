@@ -11,8 +11,8 @@ from torch._dynamo.device_interface import CudaInterface, XpuInterface
 
 import dsv4_compile
 from dsv4_compile import CudaOnlyCodeError, capture, codegen
-from dsv4_compile.codegen import find_cuda_only_code
-from dsv4_compile.demo import CudaOrientedBlock
+from dsv4_compile.tools.codegen import find_cuda_only_code
+from tests.blocks import CudaOrientedBlock
 
 
 def _block() -> CudaOrientedBlock:
@@ -48,7 +48,7 @@ def test_xpu_codegen_of_the_demo_block_without_xpu():
     assert find_cuda_only_code(result.source) == [] and result.findings == ()
     assert "torch.xpu._DeviceGuard" in result.wrapper and "device_str='xpu'" in result.wrapper
     assert "empty_strided_xpu(" in result.wrapper
-    assert result.report["silu_and_mul_with_clamp"].changed == 1 and result.report["audit"].matched == 0
+    assert result.report["activation"].changed == 1 and result.report["audit"].matched == 0
     assert "silu_and_mul_with_clamp_native" in result.graph and "xpu" in result.aten_graph
     # every patch is undone
     assert _patchable_state() == before
@@ -89,8 +89,13 @@ def test_code_still_calling_cuda_only_things_is_rejected():
 @pytest.mark.parametrize(("line", "why"), [
     ("    torch.cuda.synchronize()", "torch.cuda API"),
     ("    triton_meta={'device': 0, 'launch_pdl': True},", "programmatic dependent launch"),
-    ("    torch.ops._C.silu_and_mul_with_clamp.default(buf1, buf0, 10.0)", "CUDA-only custom op"),
-    ("    _C.silu_and_mul_with_clamp(buf1, buf0, 10.0)", "CUDA-only custom op"),
+    ("    torch.ops._C.silu_and_mul_with_clamp.default(buf1, buf0, 10.0)",
+     "CUDA-only custom op _C::silu_and_mul_with_clamp (it has a native lowering)"),
+    ("    _C.silu_and_mul_with_clamp(buf1, buf0, 10.0)",
+     "CUDA-only custom op _C::silu_and_mul_with_clamp (it has a native lowering)"),
+    ("    torch.ops.dsv4_cuda.mhc_pre.default(buf2, buf3)",
+     "CUDA-only custom op dsv4_cuda::mhc_pre (it has a native lowering)"),
+    ("    torch.ops.no_such_ns.op.default(buf0)", "custom op no_such_ns::op has no xpu kernel"),
     ("    torch.ops.streams.fork.default(0, 1)", "stream op"),
     ("    buf0 = empty_strided_cuda((4, ), (1, ), torch.float32)", "CUDA allocation"),
     ("''', device_str='cuda')", "cuda device"),

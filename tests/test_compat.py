@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import dsv4_compile
-from dsv4_compile.compat import CompatStream, cuda_compat
+from dsv4_compile.frontend.cuda_compat import CompatStream, cuda_compat
 from tests.conftest import needs_trace_time_retarget
 
 

@@ -20,7 +20,7 @@ def formula(x, limit, alpha=1.0, beta=0.0):
 @pytest.mark.parametrize("shape", [(1, 64), (7, 4096), (3, 5, 6144), (0, 128)])
 @pytest.mark.parametrize(("limit", "alpha", "beta"), [(10.0, 1.0, 0.0), (7.0, 1.702, 1.0)])
 def test_kernel_matches_formula(dtype, shape, limit, alpha, beta):
-    from dsv4_compile.ops.activation import silu_and_mul_with_clamp_native
+    from dsv4_compile.lowering.lowerings.activation import silu_and_mul_with_clamp_native
 
     x = (torch.randn(shape, device="cuda") * 8).to(dtype)
     out = torch.empty(*shape[:-1], shape[-1] // 2, device="cuda", dtype=dtype)

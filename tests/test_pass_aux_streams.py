@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch._dynamo.graph_bytecode_inputs import get_external_object_by_index
 
-from dsv4_compile.passes.audit import find_cuda_only_nodes
-from dsv4_compile.passes.aux_streams import remove_aux_streams, stream_tag
-from dsv4_compile.passes.base import PassContext
+from dsv4_compile.lowering.passes.audit import find_cuda_only_nodes
+from dsv4_compile.lowering.passes.aux_streams import remove_aux_streams, stream_tag
+from dsv4_compile.lowering.passes.base import PassContext
 from tests.conftest import capture_graph, targets
 
 CTX = PassContext(device=torch.device("cpu"))
@@ -85,6 +85,6 @@ def test_stream_object_still_used_elsewhere_is_left_for_the_audit():
     result = remove_aux_streams(gm, CTX)
     assert (result.matched, result.changed) == (1, 0)
     with pytest.raises(Exception, match="stream/event"):
-        from dsv4_compile.passes.audit import audit_residual_cuda
+        from dsv4_compile.lowering.passes.audit import audit_residual_cuda
 
         audit_residual_cuda(gm, CTX)

@@ -1,7 +1,7 @@
 import torch
 
-from dsv4_compile.passes.base import PassContext
-from dsv4_compile.passes.device_constants import cuda_device_uses, retarget_device_constants
+from dsv4_compile.lowering.passes.base import PassContext
+from dsv4_compile.lowering.passes.device_constants import cuda_device_uses, retarget_device_constants
 
 CPU = PassContext(device=torch.device("cpu"))
 

@@ -6,10 +6,10 @@ from torch._higher_order_ops.triton_kernel_wrap import (
 )
 
 from dsv4_compile.errors import UnsupportedNodeError
-from dsv4_compile.passes.audit import find_cuda_only_nodes, pdl_flags
-from dsv4_compile.passes.base import PassContext
-from dsv4_compile.passes.pdl import disable_pdl
-from dsv4_compile.registry import triton_fallback
+from dsv4_compile.lowering.passes.audit import find_cuda_only_nodes, pdl_flags
+from dsv4_compile.lowering.passes.base import PassContext
+from dsv4_compile.lowering.passes.pdl import disable_pdl
+from dsv4_compile.lowering.registry import triton_fallback
 
 
 def _double_into_kernel(x_ptr, out_ptr, n, BLOCK, USE_GDC):

@@ -101,7 +101,7 @@ def check_activation_rewrite(case: dict) -> None:
     torch._dynamo.reset()
     gm, inputs = capture_graph(program, *args)
     report = dsv4_compile.run_pipeline(gm, torch.device("cpu"))
-    assert report["silu_and_mul_with_clamp"].changed == 1 and report["audit"].matched == 0
+    assert report["activation"].changed == 1 and report["audit"].matched == 0
     assert "_C::silu_and_mul_with_clamp" not in targets(gm)
     got = gm(*inputs)[0]
     expected = oracle_activation(x, case["limit"], case["alpha"], case["beta"])
@@ -234,7 +234,9 @@ def check_random_program(case: dict) -> None:
     report = dsv4_compile.last_report()
     assert report["audit"].matched == 0
     assert "cuda" not in report.device
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Eager runs the ops' stand-in kernels (the oracle's math), compiled runs the compiler's own lowerings:
+    # fp32 results in another summation order, whose differences compound over chained steps.
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 test_random_programs_rewrite_to_the_eager_numbers = needs_trace_time_retarget(

@@ -26,8 +26,9 @@ from torch._inductor.utils import fresh_cache, run_and_get_code
 import dsv4_compile
 from dsv4_compile.integrations import vllm as integration
 from dsv4_compile.integrations.vllm import Dsv4PostGradPass, dsv4_post_grad_pass
-from dsv4_compile.ops.activation import silu_and_mul_with_clamp_native
-from dsv4_compile.registry import LOWERINGS, native_lowering, triton_fallback
+from dsv4_compile.lowering.registry import LOWERINGS, native_lowering, triton_fallback
+from dsv4_compile.models.deepseek_v4.cuda_ops import cpu_reference_kernels
+from dsv4_compile.models.deepseek_v4.oracle import _silu_and_mul_with_clamp as oracle_activation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,8 +80,8 @@ def test_registered_name_is_passed_through_and_compiles():
     assert torch._dynamo.lookup_backend(resolved) is dsv4_compile.dsv4_xpu
     x = _x()
     torch.testing.assert_close(torch.compile(_silu_fresh, backend=resolved)(x),
-                               silu_and_mul_with_clamp_native(x, 7.0) * 2)
-    assert dsv4_compile.last_report()["silu_and_mul_with_clamp"].changed == 1
+                               oracle_activation(x, 7.0) * 2)
+    assert dsv4_compile.last_report()["activation"].changed == 1
 
 
 def test_qualified_name_is_imported_and_compiles():
@@ -89,8 +90,8 @@ def test_qualified_name_is_imported_and_compiles():
     assert resolved is dsv4_compile.dsv4_xpu
     x, out = _x(), torch.zeros(4, 4)
     torch.testing.assert_close(torch.compile(_silu_into, backend=resolved)(x, out),
-                               silu_and_mul_with_clamp_native(x, 7.0, 1.702, 1.0) + 1)
-    torch.testing.assert_close(out, silu_and_mul_with_clamp_native(x, 7.0, 1.702, 1.0))
+                               oracle_activation(x, 7.0, 1.702, 1.0) + 1)
+    torch.testing.assert_close(out, oracle_activation(x, 7.0, 1.702, 1.0))
 
 
 # --- mode 3: the post-grad pass through Inductor's hook --------------------------------------------------
@@ -102,7 +103,8 @@ def test_post_grad_pass_lowers_the_op_through_inductor(fn, v2):
     x = _x()
     args = {_silu_fresh: (x,), _silu_into: (x, torch.zeros(4, 4)), _silu_into_view: (x, torch.zeros(4, 9))}[fn]
     eager_args = [a.clone() for a in args]
-    expected = fn(*eager_args)  # eager runs the op's CPU kernel
+    with cpu_reference_kernels():  # eager: the op on a CPU kernel made of the model oracle's math
+        expected = fn(*eager_args)
     pass_ = Dsv4PostGradPass()
     with inductor_config.patch(post_grad_custom_post_pass=pass_, enable_auto_functionalized_v2=v2):
         result, (code, *_) = run_and_get_code(torch.compile(fn, backend="inductor"), *args)
@@ -125,7 +127,7 @@ def test_uuid_is_stable_and_follows_options_and_registry():
 
 def test_fx_graph_cache_hits_with_the_same_pass_and_misses_with_other_options():
     x = _x()
-    expected = silu_and_mul_with_clamp_native(x, 7.0) * 2
+    expected = oracle_activation(x, 7.0) * 2
 
     def compile_once(pass_: Dsv4PostGradPass) -> tuple[int, int]:
         torch._dynamo.reset()
@@ -164,7 +166,7 @@ def _scaled_pair_native(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, to
 @contextlib.contextmanager
 def _scaled_pair_op() -> Iterator[None]:
     """Registers the native lowering of dsv4_test::scaled_pair while in use (LOWERINGS is global)."""
-    native_lowering("dsv4_test::scaled_pair", params=("x", "scale"))(_scaled_pair_native)
+    native_lowering("dsv4_test::scaled_pair")(_scaled_pair_native)
     try:
         yield
     finally:
@@ -329,7 +331,7 @@ def test_real_vllm_pass_manager_runs_the_pass_and_keys_on_its_uuid(monkeypatch):
         assert pm.uuid() != manager(Dsv4PostGradPass(pdl=False)).uuid()  # vLLM's key follows our uuid()
         with vllm_config.set_current_vllm_config(config), inductor_config.patch(post_grad_custom_post_pass=pm):
             result = torch.compile(_silu_fresh, backend="inductor")(x)
-    torch.testing.assert_close(result, silu_and_mul_with_clamp_native(x, 7.0) * 2)
+    torch.testing.assert_close(result, oracle_activation(x, 7.0) * 2)
     assert pass_.last_result["registered_ops"].changed == 1
 
 
@@ -348,8 +350,8 @@ def _permissive_out_op() -> Iterator[None]:
         if out.shape != x.shape:
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(x.shape)}")
 
-    native_lowering("_C::dsv4_test_permissive_double", out_arg="out", check=check)(
-        lambda x, out_dtype=None: (x * 2).to(out_dtype or x.dtype))
+    native_lowering("_C::dsv4_test_permissive_double", out="out", check=check)(
+        lambda x: x * 2)
     try:
         yield
     finally:

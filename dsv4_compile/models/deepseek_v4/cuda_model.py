@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dsv4_compile.ops.activation  # noqa: F401 - defines _C::silu_and_mul_with_clamp if missing
+import dsv4_compile.frontend.ops.activation  # noqa: F401 - defines _C::silu_and_mul_with_clamp if missing
 
 from . import cuda_ops  # noqa: F401 - defines the dsv4_cuda ops
 from .cache import CompressorState, LayerCache, SequenceCache, new_cache

@@ -1,10 +1,11 @@
 """CUDA-only custom ops of the CUDA-oriented DeepSeek-V4 forward (namespace ``dsv4_cuda``).
 
-Each op has a fake impl (so Dynamo traces it anywhere) and a CUDA impl (composite torch code calling the
-oracle math, standing in for the tilelang / FlashMLA kernels). There is deliberately NO CPU kernel: on a
-non-CUDA device these ops run only after the backend rewrites them to their native math, which
-``NATIVE_IMPLS`` (qualname -> plain-torch function with the op's arguments) provides. For eager tests on
-CPU, ``cpu_reference_kernels()`` registers ``NATIVE_IMPLS`` as CPU kernels for the duration of a block.
+Each op has a fake impl (so Dynamo traces it anywhere) and a CUDA impl: composite torch code calling the
+oracle math, standing in for the tilelang / FlashMLA kernels (``STAND_IN_KERNELS``, qualname -> function). There
+is deliberately NO CPU kernel: on a non-CUDA device these ops run only after the backend rewrites them to
+the compiler's own lowerings (dsv4_compile.lowering.lowerings), written separately from this oracle math so
+that comparing the two is evidence. For eager tests on CPU, ``cpu_reference_kernels()`` registers
+``STAND_IN_KERNELS`` as CPU kernels for the duration of a block.
 
 Sparse decode contract (MQA, one latent is K and V): ``q [B, H, D]``, ``kv [N, D]`` (every sequence's
 candidate keys, concatenated), ``indices [B, K]`` int32 rows into ``kv`` (-1 = missing),
@@ -20,9 +21,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from dsv4_compile.registry import native_lowering
+from dsv4_compile.lowering.lowerings.activation import check_silu_and_mul_buffers
 
 from . import mhc
+from .oracle import _silu_and_mul_with_clamp as oracle_silu_and_mul_with_clamp
 
 NAMESPACE = "dsv4_cuda"
 MLA_BLOCK = 64  # keys per scheduler block
@@ -42,22 +44,19 @@ SCHEMAS = {
 }
 
 
-# ----------------------------------------------------------------------------- native math
-@native_lowering(f"{NAMESPACE}::mhc_pre")
-def mhc_pre_native(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, rms_eps: float,
+# ----------------------------------------------------------------------------- stand-in CUDA kernels (oracle math)
+def mhc_pre_kernel(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, rms_eps: float,
                    hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x [T, H], post [T, m], comb [T, m, m])``: the oracle's ``mhc.mhc_pre``."""
     return mhc.mhc_pre(h, fn, scale, base, rms_eps=rms_eps, hc_eps=hc_eps, iters=iters)
 
 
-@native_lowering(f"{NAMESPACE}::mhc_post")
-def mhc_post_native(x: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def mhc_post_kernel(x: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """New stream ``[T, m, H]``: the oracle's ``mhc.mhc_post``."""
     return mhc.mhc_post(x, h, post, comb)
 
 
-@native_lowering(f"{NAMESPACE}::mhc_fused_post_pre")
-def mhc_fused_post_pre_native(
+def mhc_fused_post_pre_kernel(
     x: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, fn: torch.Tensor,
     scale: torch.Tensor, base: torch.Tensor, rms_eps: float, hc_eps: float, iters: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,14 +64,13 @@ def mhc_fused_post_pre_native(
     return mhc.mhc_fused_post_pre(x, h, post, comb, fn, scale, base, rms_eps=rms_eps, hc_eps=hc_eps, iters=iters)
 
 
-@native_lowering(f"{NAMESPACE}::hc_head")
-def hc_head_native(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, rms_eps: float,
+def hc_head_kernel(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, rms_eps: float,
                    hc_eps: float) -> torch.Tensor:
     """Collapsed stream ``[T, H]``: the oracle's ``mhc.hc_head``."""
     return mhc.hc_head(h, fn, scale, base, rms_eps=rms_eps, hc_eps=hc_eps)
 
 
-def get_mla_metadata_native(seq_lens: torch.Tensor, num_heads: int, topk: int,
+def get_mla_metadata_kernel(seq_lens: torch.Tensor, num_heads: int, topk: int,
                             num_sm_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic FlashMLA-like tile schedule.
 
@@ -95,8 +93,7 @@ def get_mla_metadata_native(seq_lens: torch.Tensor, num_heads: int, topk: int,
     return meta.to(torch.int32), num_splits.to(torch.int32)
 
 
-@native_lowering(f"{NAMESPACE}::sparse_decode")
-def sparse_decode_native(
+def sparse_decode_kernel(
     q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
     tile_scheduler_metadata: torch.Tensor | None, num_splits: torch.Tensor | None, scale: float,
 ) -> torch.Tensor:
@@ -111,13 +108,13 @@ def sparse_decode_native(
     return torch.einsum("bhk,bkd->bhd", p, keys).to(q.dtype)
 
 
-NATIVE_IMPLS: dict[str, Callable[..., object]] = {
-    f"{NAMESPACE}::mhc_pre": mhc_pre_native,
-    f"{NAMESPACE}::mhc_post": mhc_post_native,
-    f"{NAMESPACE}::mhc_fused_post_pre": mhc_fused_post_pre_native,
-    f"{NAMESPACE}::hc_head": hc_head_native,
-    f"{NAMESPACE}::get_mla_metadata": get_mla_metadata_native,
-    f"{NAMESPACE}::sparse_decode": sparse_decode_native,
+STAND_IN_KERNELS: dict[str, Callable[..., object]] = {
+    f"{NAMESPACE}::mhc_pre": mhc_pre_kernel,
+    f"{NAMESPACE}::mhc_post": mhc_post_kernel,
+    f"{NAMESPACE}::mhc_fused_post_pre": mhc_fused_post_pre_kernel,
+    f"{NAMESPACE}::hc_head": hc_head_kernel,
+    f"{NAMESPACE}::get_mla_metadata": get_mla_metadata_kernel,
+    f"{NAMESPACE}::sparse_decode": sparse_decode_kernel,
 }
 
 
@@ -165,17 +162,26 @@ for _name, _schema in SCHEMAS.items():
     if not _op_exists(_name):
         _lib.define(_schema)
         # CUDA impl: composite torch standing in for the fused kernel. No CPU kernel on purpose.
-        _lib.impl(_name, NATIVE_IMPLS[f"{NAMESPACE}::{_name}"], "CUDA")
+        _lib.impl(_name, STAND_IN_KERNELS[f"{NAMESPACE}::{_name}"], "CUDA")
         torch.library.register_fake(f"{NAMESPACE}::{_name}", _FAKES[_name], lib=_lib)
+
+
+def _silu_and_mul_with_clamp_kernel(result: torch.Tensor, input: torch.Tensor, limit: float,  # noqa: A002
+                                    alpha: float = 1.0, beta: float = 0.0) -> None:
+    check_silu_and_mul_buffers(result, input)
+    result.copy_(oracle_silu_and_mul_with_clamp(input, limit, alpha, beta))
 
 
 @contextlib.contextmanager
 def cpu_reference_kernels() -> Iterator[None]:
-    """Test-only: register ``NATIVE_IMPLS`` as the ops' CPU kernels inside this block (removed on exit)."""
-    lib = torch.library.Library(NAMESPACE, "IMPL")
+    """Test-only: CPU kernels made of the oracle's math, inside this block (removed on exit), for the
+    ``dsv4_cuda`` ops (``STAND_IN_KERNELS``) and for ``_C::silu_and_mul_with_clamp``, which has none either."""
+    libs = [torch.library.Library(NAMESPACE, "IMPL"), torch.library.Library("_C", "IMPL")]
     try:
-        for qualname, fn in NATIVE_IMPLS.items():
-            lib.impl(qualname.split("::")[1], fn, "CPU")
+        for qualname, fn in STAND_IN_KERNELS.items():
+            libs[0].impl(qualname.split("::")[1], fn, "CPU")
+        libs[1].impl("silu_and_mul_with_clamp", _silu_and_mul_with_clamp_kernel, "CPU")
         yield
     finally:
-        lib._destroy()
+        for lib in libs:
+            lib._destroy()

@@ -30,7 +30,7 @@ def mhc_weights(
     an RMS-normalised projection ``mix = rmsnorm(h.view(T, m*H)) @ fn.T``, split in three, scaled
     by ``scale[0..2]``, shifted by ``base``; pre = sigmoid + eps, post = 2 sigmoid, comb = sinkhorn."""
     t, m, _ = h.shape
-    xf = h.reshape(t, -1).float()
+    xf = h.flatten(1).float()
     mix = (xf @ fn.float().T) * _rms_scale(xf, rms_eps)
     scale, base = scale.float(), base.float()
     pre = torch.sigmoid(mix[:, :m] * scale[0] + base[:m]) + hc_eps
@@ -74,8 +74,7 @@ def hc_head(
 ) -> torch.Tensor:
     """Collapse the stream before the final norm: ``pre = sigmoid(rmsnorm(h.view(T, m*H)) @ fn.T *
     scale + base) + eps``; returns ``sum_i pre[:, i] h[:, i]`` (``[T, H]``, h.dtype)."""
-    t = h.shape[0]
-    xf = h.reshape(t, -1).float()
+    xf = h.flatten(1).float()
     mix = (xf @ fn.float().T) * _rms_scale(xf, rms_eps)
     pre = torch.sigmoid(mix * scale.float() + base.float()) + hc_eps
     return (pre[..., None] * h.float()).sum(1).to(h.dtype)

@@ -8,17 +8,17 @@ are launched with ``launch_pdl=...`` (programmatic dependent launch, Hopper+):
 * ``inv_rope``: inverse rotary embedding of the last ``rope_dim`` dims (GPT-J pairs) of the attention
   output, before the grouped output projection.
 
-Triton is imported lazily: this module imports on machines without Triton or without a driver. The
-launchers use the kernel when the tensors are on CUDA; CPU fallback only where eager CPU needs one
-(plain torch, same math), which is also what Dynamo traces on CPU, since it cannot trace user Triton
-kernels there.
+Triton is optional: this module imports on machines without Triton or without a driver. The
+launchers use the kernel when the tensors are on CUDA and a CUDA GPU is present; otherwise plain torch
+(same math), which is what eager CPU runs and what Dynamo traces where no GPU is, since it cannot trace
+user Triton kernels there (fake ``cuda`` tensors captured on a CPU-only machine included).
 """
 
 from __future__ import annotations
 
 import torch
 
-from dsv4_compile.registry import triton_fallback
+from dsv4_compile.lowering.registry import triton_fallback
 
 from .rope import rope_last
 
@@ -90,12 +90,18 @@ def _inv_rope_fallback(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ou
 
 
 def _use_kernel(t: torch.Tensor) -> bool:
-    return HAS_TRITON and t.device.type == "cuda"
+    """Whether to launch the Triton kernel: Triton is importable and a CUDA GPU is there to run it.
+
+    Fake ``cuda`` tensors traced on a machine without a GPU take the plain-torch path: Dynamo handles a
+    Triton kernel as a kernel only where a Triton-capable device exists; elsewhere it would trace into
+    Triton's launcher, whose driver probe breaks the graph (and nothing could ever launch it there).
+    """
+    return HAS_TRITON and t.device.type == "cuda" and torch.cuda.is_available()
 
 
 def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch needs compute capability >= 9 (Hopper)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Programmatic dependent launch needs a CUDA GPU of compute capability >= 9 (Hopper)."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def save_partial_states(kv: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

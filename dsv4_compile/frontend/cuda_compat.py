@@ -1,0 +1,206 @@
+"""Trace-time compatibility: CUDA-oriented Python running against another device.
+
+`cuda_compat(device)` lets code written for CUDA run, eagerly and while Dynamo traces it, on `device`:
+  - `torch.cuda.Stream/Event/current_stream/default_stream/stream/synchronize` give the target's streams
+    and events (on CPU, which has no stream runtime, eager calls are no-ops, and under Dynamo they still
+    record the stream nodes that the `aux_streams` pass then removes);
+  - `device="cuda"`, `.to("cuda")`, `.cuda()` land on `device`; `.is_cuda` is True for tensors on `device`.
+It changes what Python computes at trace time only; the CUDA-only ops, streams and kernels that reach the
+graph are the backend passes' job. On a `cuda` target it changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from dsv4_compile.lowering.devices import is_cuda_device, parse_device
+
+
+class CompatStream:
+    """A stand-in for `torch.cuda.Stream` on a device without a stream runtime (CPU).
+
+    Eagerly its ordering calls do nothing (one serial queue needs no ordering); while Dynamo traces they
+    reach a real `torch.Stream`, so the graph records them just as it would on CUDA.
+    """
+
+    def __init__(self, device: torch.device | str | int | None = None, priority: int = 0, **_: Any) -> None:
+        self.device = _TARGET[-1] if _TARGET else torch.device("cpu")
+        self.stream = torch.Stream(self.device.type)
+
+    def wait_stream(self, other: CompatStream) -> None:
+        if torch.compiler.is_compiling():
+            self.stream.wait_stream(other.stream)
+
+    def wait_event(self, event: CompatEvent) -> None:
+        if torch.compiler.is_compiling():
+            self.stream.wait_event(event.event)
+
+    def record_event(self, event: CompatEvent | None = None) -> CompatEvent:
+        event = event or CompatEvent()
+        event.record(self)
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class CompatEvent:
+    """A stand-in for `torch.cuda.Event` on a device without a stream runtime; see CompatStream."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
+        self.event = torch.Event(_TARGET[-1].type if _TARGET else "cpu")
+
+    def record(self, stream: CompatStream | None = None) -> None:
+        if torch.compiler.is_compiling():
+            self.event.record((stream or current_stream()).stream)
+
+    def wait(self, stream: CompatStream | None = None) -> None:
+        if torch.compiler.is_compiling():
+            (stream or current_stream()).stream.wait_event(self.event)
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_TARGET: list[torch.device] = []
+_CURRENT: list[CompatStream] = []
+
+
+def current_stream(device: Any = None) -> CompatStream:
+    return _CURRENT[-1]
+
+
+def stream(s: CompatStream | None) -> contextlib.AbstractContextManager:
+    if s is not None and torch.compiler.is_compiling():
+        return s.stream
+    return contextlib.nullcontext()
+
+
+def synchronize(device: Any = None) -> None:
+    pass
+
+
+def _native_stream_api(device: torch.device) -> dict[str, Any]:
+    """Replacements for torch.cuda's stream API on a device whose streams exist (XPU)."""
+    def make_stream(device_arg: Any = None, priority: int = 0, **_: Any) -> torch.Stream:
+        return torch.Stream(device.type, priority=priority)
+
+    def make_event(enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> torch.Event:
+        return torch.Event(device.type, enable_timing=enable_timing)
+
+    backend = getattr(torch, device.type)
+    return {
+        "Stream": make_stream,
+        "Event": make_event,
+        "current_stream": lambda device_arg=None: backend.current_stream(),
+        "default_stream": lambda device_arg=None: backend.current_stream(),
+        "stream": backend.stream,
+        "synchronize": lambda device_arg=None: backend.synchronize(),
+    }
+
+
+def _serial_stream_api() -> dict[str, Any]:
+    return {
+        "Stream": CompatStream,
+        "Event": CompatEvent,
+        "current_stream": current_stream,
+        "default_stream": current_stream,
+        "stream": stream,
+        "synchronize": synchronize,
+    }
+
+
+class RetargetCudaMode(TorchFunctionMode):
+    """Maps `cuda` devices in torch calls to the target device (`device=`, `.to(...)`, `.cuda()`, `.is_cuda`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
+        kwargs = kwargs or {}
+        # Under Dynamo `.is_cuda` never reaches a mode (see _dynamo_is_cuda), and `func.__self__` of an
+        # OpOverloadPacket is something torch 2.11's Dynamo cannot trace, so look only when eager.
+        if not torch.compiler.is_compiling() and getattr(func, "__self__", None) is torch._C.TensorBase.is_cuda:
+            return args[0].device.type in ("cuda", self.device.type)
+        if func is torch.Tensor.cuda:
+            return args[0].to(self.device, non_blocking=kwargs.get("non_blocking", False))
+        if "device" in kwargs and is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": self.device}
+        if func is torch.Tensor.to:
+            args = tuple(self.device if is_cuda_device(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _dynamo_is_cuda(device_type: str) -> Iterator[None]:
+    """Dynamo answers `.is_cuda` from the fake tensor without consulting modes; teach it the target."""
+    from torch._dynamo.variables.base import VariableTracker
+    from torch._dynamo.variables.tensor import TensorVariable
+
+    original = TensorVariable.method_attr_is_cuda
+
+    def method_attr_is_cuda(self, tx):  # noqa: ANN001 - Dynamo's own signature
+        if self.device is None:
+            return None
+        return VariableTracker.build(tx, self.device.type in ("cuda", device_type))
+
+    TensorVariable.method_attr_is_cuda = method_attr_is_cuda
+    try:
+        yield
+    finally:
+        TensorVariable.method_attr_is_cuda = original
+
+
+def _warm_dynamo_rule_caches() -> None:
+    """Dynamo builds its torch-function tables lazily, from whatever `torch.cuda.*` is at that moment.
+
+    Built while our stand-ins are installed, the tables would key them as torch builtins (and forget the
+    real ones for the rest of the process), so build them first.
+    """
+    from torch._dynamo import trace_rules
+    from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
+
+    trace_rules.get_torch_obj_rule_map()
+    TorchInGraphFunctionVariable._get_handlers()
+
+
+@contextlib.contextmanager
+def cuda_stream_api(target: torch.device) -> Iterator[None]:
+    """Inside the block `torch.cuda`'s stream API (Stream, Event, current_stream, stream, ...) gives
+    `target`'s streams, or on CPU the recording stand-ins; devices are left alone (see cuda_compat)."""
+    api = _native_stream_api(target) if target.type != "cpu" else _serial_stream_api()
+    _warm_dynamo_rule_caches()
+    with contextlib.ExitStack() as stack:
+        _TARGET.append(target)
+        stack.callback(_TARGET.pop)
+        saved = {name: getattr(torch.cuda, name) for name in api}
+        for name, replacement in api.items():
+            setattr(torch.cuda, name, replacement)
+        stack.callback(lambda: [setattr(torch.cuda, n, v) for n, v in saved.items()])
+        if target.type == "cpu":
+            _CURRENT.append(CompatStream())
+            stack.callback(_CURRENT.pop)
+        yield
+
+
+@contextlib.contextmanager
+def cuda_compat(device: str | torch.device) -> Iterator[torch.device]:
+    """Run CUDA-oriented Python against `device` (eagerly and under Dynamo) inside this block."""
+    target = parse_device(device)
+    if target.type == "cuda":
+        yield target
+        return
+    with cuda_stream_api(target), _dynamo_is_cuda(target.type), RetargetCudaMode(target):
+        yield target

@@ -1,0 +1,8 @@
+"""Native lowerings of CUDA-only ops, one file per op family, one decorated function per op.
+
+Importing this package registers them all (dsv4_compile.lowering.registry.LOWERINGS).
+"""
+
+from dsv4_compile.lowering.lowerings import activation, attention, mhc
+
+__all__ = ["activation", "attention", "mhc"]

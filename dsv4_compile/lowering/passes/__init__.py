@@ -1,0 +1,1 @@
+"""Graph passes, one per module, plus the residual-CUDA audit. The order lives in lowering/pipeline.py."""

@@ -1,0 +1,166 @@
+"""The `dsv4-compile` command: demo, passes, diff, codegen."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+SUBJECT_NOTE = (
+    "The subject is the CUDA-oriented DeepSeek-V4 model (CudaDeepseekV4.forward_static over a StaticCache): "
+    "'tiny' is DeepseekV4Config.tiny() (every layer kind); 'flash' keeps Flash's real widths but is shrunk to "
+    "2 layers (compress ratios 4 and 128), 4 routed experts and a 1024-token vocabulary so that it builds on "
+    "a laptop. Mode 'prefill' feeds 16 tokens of one sequence, 'decode' one token for each of 2 sequences."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """What the diff and codegen commands capture: a CUDA-oriented model and its example inputs."""
+
+    title: str
+    model: Callable[..., Any]
+    inputs: tuple[Any, ...]
+
+
+def _config(name: str) -> Any:
+    from dsv4_compile.models.deepseek_v4.config import DeepseekV4Config
+
+    if name == "tiny":
+        return DeepseekV4Config.tiny()
+    return DeepseekV4Config.flash().with_(num_hidden_layers=2, compress_ratios=[4, 128], n_routed_experts=4,
+                                          num_experts_per_tok=2, vocab_size=1024, num_hash_layers=0)
+
+
+def _subject(config: str, mode: str) -> Subject:
+    """The model (built under cuda_compat, as CUDA-oriented code must be without CUDA) and inputs to show."""
+    from dsv4_compile.frontend.cuda_compat import cuda_compat
+    from dsv4_compile.models.deepseek_v4 import DeepseekV4Model
+    from dsv4_compile.models.deepseek_v4.cuda_model import CudaDeepseekV4
+    from dsv4_compile.models.deepseek_v4.static_cache import StaticCache, decode_inputs, prefill_inputs
+
+    model = DeepseekV4Model(_config(config), dtype=torch.bfloat16)
+    with cuda_compat("cuda" if torch.cuda.is_available() else "cpu"):
+        cuda_model = CudaDeepseekV4(model)
+    cache = StaticCache(model, max_seq_len=64, num_slots=2)
+    if mode == "prefill":
+        ids = torch.randint(0, model.config.vocab_size, (16,))
+        return Subject(f"DeepSeek-V4[{config}, prefill]", cuda_model.prefill_static,
+                       (ids, *prefill_inputs(cache, 0, 16), cache))
+    ids = torch.randint(0, model.config.vocab_size, (2,))
+    return Subject(f"DeepSeek-V4[{config}, decode]", cuda_model.decode_static,
+                   (ids, *decode_inputs(cache, torch.tensor([0, 1])), cache))
+
+
+def _console(record: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(record=True, width=160) if record else Console()
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dsv4_compile.tools.demo import run_demo
+
+    return run_demo(args.device)
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from dsv4_compile.lowering.pipeline import PASSES
+    from dsv4_compile.tools.render import passes_table
+
+    _console().print(passes_table(PASSES))
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from dsv4_compile.frontend.capture import capture, rewrite
+    from dsv4_compile.tools.diff import DiffRecorder
+    from dsv4_compile.tools.render import pass_diff, report_table
+
+    console = _console(record=args.html is not None)
+    subject = _subject(args.config, args.mode)
+    gm = capture(subject.model, *subject.inputs)
+    recorder = DiffRecorder(subject.title, args.device)
+    _, report = rewrite(gm, args.device, strict=False, observer=recorder, name=subject.title)
+    console.print(report_table(report))
+    diffs = [d for d in recorder.diffs if args.pass_name in (None, d.name)]
+    if args.pass_name and not diffs:
+        console.print(f"pass [cyan]{args.pass_name}[/cyan] changed nothing in {subject.title}")
+    for diff in diffs:
+        console.print(pass_diff(diff))
+    if report["audit"].matched:
+        console.print(f"[red]the audit found {report['audit'].matched} CUDA-only node(s) left[/red]")
+    if args.html is not None:
+        console.save_html(args.html)
+        console.print(f"wrote {args.html}")
+    return 0
+
+
+def _cmd_codegen(args: argparse.Namespace) -> int:
+    from dsv4_compile.tools.codegen import codegen
+    from dsv4_compile.tools.render import codegen_summary, report_table
+
+    console = _console()
+    subject = _subject(args.config, args.mode)
+    result = codegen(subject.model, subject.inputs, device=args.device)
+    files = result.write(args.out)
+    console.print(report_table(result.report))
+    console.print(codegen_summary(result))
+    console.print(f"wrote {len(files)} files to {args.out} (wrapper.py, kernels/, graph.py, aten_graph.py, report.txt)")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from dsv4_compile.lowering.pipeline import pass_names
+
+    parser = argparse.ArgumentParser(prog="dsv4-compile", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="compile a small CUDA-oriented block on the local device and check parity")
+    demo.add_argument("--device", default=None, help="target device (default: cuda/xpu if present, else cpu)")
+    demo.set_defaults(run=_cmd_demo)
+    passes = sub.add_parser("passes", help="list the rewrite passes in pipeline order")
+    passes.set_defaults(run=_cmd_passes)
+
+    diff = sub.add_parser("diff", help="show what every pass does to a captured CUDA graph",
+                          description="Capture the subject with CUDA semantics (fake tensors, no GPU needed), "
+                          "rewrite it, and show per pass that changed it: op-count deltas and a unified diff. "
+                          + SUBJECT_NOTE)
+    diff.add_argument("--config", choices=("tiny", "flash"), default="tiny", help="model config (default: tiny)")
+    diff.add_argument("--mode", choices=("prefill", "decode"), default="prefill", help="default: prefill")
+    diff.add_argument("--pass", dest="pass_name", choices=pass_names(), default=None, metavar="NAME",
+                      help=f"show only this pass ({', '.join(pass_names())})")
+    diff.add_argument("--device", choices=("xpu", "cpu", "cuda"), default="xpu", help="rewrite target (default: xpu)")
+    diff.add_argument("--html", default=None, metavar="OUT.html", help="also save the output as HTML")
+    diff.set_defaults(run=_cmd_diff)
+
+    gen = sub.add_parser("codegen", help="write Inductor's wrapper and Triton kernels for xpu/cuda (no GPU needed)",
+                         description="Capture the subject with CUDA semantics, rewrite it for the device and write "
+                         "the code Inductor generates (wrapper + Triton kernels), without the device or Triton. "
+                         + SUBJECT_NOTE)
+    gen.add_argument("--device", choices=("xpu", "cuda"), default="xpu", help="default: xpu")
+    gen.add_argument("--config", choices=("tiny", "flash"), default="tiny", help="model config (default: tiny)")
+    gen.add_argument("--mode", choices=("prefill", "decode"), default="prefill", help="default: prefill")
+    gen.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    gen.set_defaults(run=_cmd_codegen)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `dsv4-compile` console script."""
+    from dsv4_compile.errors import Dsv4CompileError
+
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except Dsv4CompileError as exc:
+        from rich.text import Text
+
+        _console().print(Text.assemble(("error: ", "bold red"), str(exc)))
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
