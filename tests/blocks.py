@@ -49,8 +49,9 @@ def scheduled_decode(seq_lens, q, kv, indices, sink):
 
 
 def slow_sparse_decode(q, kv, indices, sink, scale):
-    """The oracle, one (sequence, head) at a time in fp64: softmax over the valid candidates plus the sink
-    logit, the sink's share dropped."""
+    """The oracle, one (sequence, head) at a time in fp64: o[b, h] = sum_j p_j kv[indices[b, j]] over the valid
+    j (index >= 0), p = softmax([s_j..., sink_h]) with s_j = scale * q[b, h] . kv[indices[b, j]], the sink's
+    share dropped; no valid index gives zeros."""
     out = torch.zeros_like(q, dtype=torch.float64)
     for b in range(q.shape[0]):
         keys = kv[[int(i) for i in indices[b] if i >= 0]].double()

@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="dsv4-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="compile a small CUDA-oriented block on the local device and check parity")
+    demo = sub.add_parser("demo", help="compile the tiny CUDA-oriented DeepSeek-V4 on the local device; check parity")
     demo.add_argument("--device", default=None, help="target device (default: cuda/xpu if present, else cpu)")
     demo.set_defaults(run=_cmd_demo)
     passes = sub.add_parser("passes", help="list the rewrite passes in pipeline order")

@@ -12,6 +12,7 @@ import torch
 import dsv4_compile.models.deepseek_v4  # noqa: F401 - defines the dsv4_cuda ops
 from dsv4_compile.errors import CudaOnlyNodesError
 from dsv4_compile.lowering.pipeline import run_pipeline
+from tests.blocks import slow_sparse_decode
 from tests.conftest import lower_graph_testing, op_counts
 
 DECODE, SCHEDULER = "dsv4_cuda::sparse_decode", "dsv4_cuda::get_mla_metadata"
@@ -25,18 +26,6 @@ def decode(seq_lens, q, kv, indices, sink):
 
 def decode_without_scheduler(seq_lens, q, kv, indices, sink):
     return torch.ops.dsv4_cuda.sparse_decode(q, kv, indices, sink, None, None, q.shape[-1] ** -0.5)
-
-
-def formula(q, kv, indices, sink, scale):
-    """o[b, h] = sum_j p_j kv[indices[b, j]], p = softmax([s_0 .. s_{K-1}, sink_h])[:K] over the valid j only,
-    s_j = scale * q[b, h] . kv[indices[b, j]]; in fp64. No valid index: zeros (all weight on the sink)."""
-    out = torch.zeros(q.shape, dtype=torch.float64)
-    for b in range(q.shape[0]):
-        keys = kv[[int(i) for i in indices[b] if i >= 0]].double()
-        for h in range(q.shape[1]):
-            logits = torch.cat([keys @ q[b, h].double() * scale, sink[h].double().reshape(1)])
-            out[b, h] = logits.softmax(0)[:-1] @ keys
-    return out
 
 
 def make_inputs(b=4, heads=4, d=32, n=40, k=6, dtype=torch.float32, seed=0):
@@ -68,7 +57,7 @@ def test_scheduler_goes_and_the_decode_is_native(dtype):
 
     (out,) = lo.run()
     assert out.shape == q.shape and out.dtype == dtype
-    expected = formula(q, kv, indices, sink, q.shape[-1] ** -0.5)
+    expected = slow_sparse_decode(q, kv, indices, sink, q.shape[-1] ** -0.5)
     if dtype == torch.float32:
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
     else:  # bf16 operands are exact in fp32; one rounding of the output
@@ -96,7 +85,8 @@ def test_decode_without_a_scheduler():
                              unexpected_after=["dsv4_cuda::"])
     assert (lo.report["attention"].matched, lo.report["attention"].changed) == (1, 1)
     _, q, kv, indices, sink = args
-    torch.testing.assert_close(lo.run()[0].double(), formula(q, kv, indices, sink, 32**-0.5), rtol=1e-5, atol=1e-6)
+    expected = slow_sparse_decode(q, kv, indices, sink, 32**-0.5)
+    torch.testing.assert_close(lo.run()[0].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_zero_sequences():
