@@ -113,6 +113,15 @@ def _cmd_codegen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subject_parser(sub: argparse._SubParsersAction, name: str, *, help: str,  # noqa: A002 - argparse's name
+                    description: str) -> argparse.ArgumentParser:
+    """A subcommand that captures the CUDA-oriented subject: --config and --mode."""
+    parser = sub.add_parser(name, help=help, description=f"{description} {SUBJECT_NOTE}")
+    parser.add_argument("--config", choices=("tiny", "flash"), default="tiny", help="model config (default: tiny)")
+    parser.add_argument("--mode", choices=("prefill", "decode"), default="prefill", help="default: prefill")
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     from dsv4_compile.lowering.pipeline import pass_names
 
@@ -124,25 +133,19 @@ def _parser() -> argparse.ArgumentParser:
     passes = sub.add_parser("passes", help="list the rewrite passes in pipeline order")
     passes.set_defaults(run=_cmd_passes)
 
-    diff = sub.add_parser("diff", help="show what every pass does to a captured CUDA graph",
-                          description="Capture the subject with CUDA semantics (fake tensors, no GPU needed), "
-                          "rewrite it, and show per pass that changed it: op-count deltas and a unified diff. "
-                          + SUBJECT_NOTE)
-    diff.add_argument("--config", choices=("tiny", "flash"), default="tiny", help="model config (default: tiny)")
-    diff.add_argument("--mode", choices=("prefill", "decode"), default="prefill", help="default: prefill")
+    diff = _subject_parser(sub, "diff", help="show what every pass does to a captured CUDA graph",
+                           description="Capture the subject with CUDA semantics (fake tensors, no GPU needed), "
+                           "rewrite it, and show per pass that changed it: op-count deltas and a unified diff.")
     diff.add_argument("--pass", dest="pass_name", choices=pass_names(), default=None, metavar="NAME",
                       help=f"show only this pass ({', '.join(pass_names())})")
     diff.add_argument("--device", choices=("xpu", "cpu", "cuda"), default="xpu", help="rewrite target (default: xpu)")
     diff.add_argument("--html", default=None, metavar="OUT.html", help="also save the output as HTML")
     diff.set_defaults(run=_cmd_diff)
 
-    gen = sub.add_parser("codegen", help="write Inductor's wrapper and Triton kernels for xpu/cuda (no GPU needed)",
-                         description="Capture the subject with CUDA semantics, rewrite it for the device and write "
-                         "the code Inductor generates (wrapper + Triton kernels), without the device or Triton. "
-                         + SUBJECT_NOTE)
+    gen = _subject_parser(sub, "codegen", help="write Inductor's wrapper and Triton kernels for xpu/cuda (no GPU "
+                          "needed)", description="Capture the subject with CUDA semantics, rewrite it for the device "
+                          "and write the code Inductor generates (wrapper + Triton kernels), without the device.")
     gen.add_argument("--device", choices=("xpu", "cuda"), default="xpu", help="default: xpu")
-    gen.add_argument("--config", choices=("tiny", "flash"), default="tiny", help="model config (default: tiny)")
-    gen.add_argument("--mode", choices=("prefill", "decode"), default="prefill", help="default: prefill")
     gen.add_argument("--out", required=True, metavar="DIR", help="output folder")
     gen.set_defaults(run=_cmd_codegen)
     return parser
