@@ -49,7 +49,7 @@ $(TVENV)/.installed: pyproject.toml
 	touch $@
 
 test-triton: $(TVENV)/.installed
-	$(TVENV)/bin/python -m pytest -q tests/test_codegen.py tests/test_codegen_with_triton.py
+	$(TVENV)/bin/python -m pytest -q tests/test_codegen.py tests/test_codegen_with_triton.py tests/test_pdl_spellings.py
 
 gpu-test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m gpu

@@ -2,7 +2,8 @@
 
 Matches: user Triton launches captured by Dynamo (`triton_kernel_wrapper_mutation` / `_functional`) whose
 constant arguments (kept in Inductor's kernel side table, not in the graph) carry `launch_pdl` or `USE_GDC`.
-Emits:   for Triton targets (xpu, cuda): the same launch with `launch_pdl` dropped and `USE_GDC=False`
+Emits:   for Triton targets (xpu, cuda): the same launch with PDL off: `launch_pdl` dropped where it is a launch
+         option, set to False where it is a `tl.constexpr` parameter of the kernel (vLLM), `USE_GDC=False`
          (Intel's Triton has no PDL); for targets without Triton (cpu): a call of the kernel's registered
          plain-torch fallback (dsv4_compile.lowering.registry.triton_fallback), which fills the same tensors.
 """
@@ -39,15 +40,36 @@ def disable_pdl(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 if not pdl_flags(node):
                     continue
                 scope.require_rewritable(node, "a Triton launch with PDL")
-                cleaned = {k: v for k, v in constants.items() if k != "launch_pdl"}
-                if "USE_GDC" in cleaned:
-                    cleaned["USE_GDC"] = False
+                kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+                cleaned = pdl_off(constants, kernel_parameters(kernel))
                 node.kwargs = {**node.kwargs, "constant_args_idx": kernel_side_table.add_constant_args(cleaned)}
             else:
                 scope.require_rewritable(node, "a Triton launch")
                 _replace_with_fallback(scope.gm.graph, node, constants, kernel_side_table)
             result.count(matched=1, changed=1)
     return result
+
+
+def pdl_off(constants: dict[str, object], parameters: frozenset[str]) -> dict[str, object]:
+    """The launch's constant arguments with PDL off, in both spellings: `launch_pdl` as a launch option is
+    dropped, `launch_pdl` as a `tl.constexpr` parameter of the kernel (vLLM's spelling) is set to False, and a
+    GDC guard (`USE_GDC`) is set to False."""
+    cleaned = dict(constants)
+    if "launch_pdl" in cleaned:
+        if "launch_pdl" in parameters:
+            cleaned["launch_pdl"] = False
+        else:
+            del cleaned["launch_pdl"]
+    if "USE_GDC" in cleaned:
+        cleaned["USE_GDC"] = False
+    return cleaned
+
+
+def kernel_parameters(kernel: object) -> frozenset[str]:
+    """The parameter names of a Triton kernel (JITFunction, or one wrapped by an Autotuner / heuristics)."""
+    while not hasattr(kernel, "arg_names") and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return frozenset(getattr(kernel, "arg_names", ()))
 
 
 def pdl_flags(node: torch.fx.Node) -> list[str]:
