@@ -41,6 +41,12 @@ class RewriteReport:
         rows = [row.name for stats in self.passes for row in (stats, *stats.detail)]
         raise KeyError(f"{name!r}: rows are {rows}")
 
+    def get(self, name: str) -> PassStats | None:
+        try:
+            return self[name]
+        except KeyError:
+            return None
+
     @property
     def total_changed(self) -> int:
         return sum(s.changed for s in self.passes)
