@@ -4,7 +4,9 @@
   - `torch.cuda.Stream/Event/current_stream/default_stream/stream/synchronize` give the target's streams
     and events (on CPU, which has no stream runtime, eager calls are no-ops, and under Dynamo they still
     record the stream nodes that the `aux_streams` pass then removes);
-  - `device="cuda"`, `.to("cuda")`, `.cuda()` land on `device`; `.is_cuda` is True for tensors on `device`.
+  - `device="cuda"`, `.to("cuda")`, `.cuda()` land on `device`; `.is_cuda` is True for tensors on `device`;
+  - where vLLM is loaded, its CUDA-only kernel wrappers (tilelang, DeepGEMM, FlashMLA entry points) become
+    calls of registered ops (kernel_wrappers.py).
 It changes what Python computes at trace time only; the CUDA-only ops, streams and kernels that reach the
 graph are the backend passes' job. On a `cuda` target it changes nothing.
 """
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from dsv4_compile.frontend.kernel_wrappers import vllm_kernel_wrappers
 from dsv4_compile.lowering.devices import is_cuda_device, parse_device
 
 
@@ -202,5 +205,5 @@ def cuda_compat(device: str | torch.device) -> Iterator[torch.device]:
     if target.type == "cuda":
         yield target
         return
-    with cuda_stream_api(target), _dynamo_is_cuda(target.type), RetargetCudaMode(target):
+    with cuda_stream_api(target), _dynamo_is_cuda(target.type), vllm_kernel_wrappers(), RetargetCudaMode(target):
         yield target

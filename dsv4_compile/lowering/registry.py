@@ -36,6 +36,9 @@ class NativeLowering:
               wrong; run on the recorded values at rewrite time, or in the emitted code when there are none.
     ignores:  schema arguments the native math does not need (a CUDA work schedule, a split count): dropped,
               and their producers removed once nothing else reads them.
+    mutates:  schema arguments the op writes in place (a KV cache, several out tensors, an optional out):
+              the native function receives them, writes them itself with in-place torch ops (a scatter
+              into a cache, `copy_` into an out) and returns what the op returns.
     """
 
     qualname: str
@@ -44,6 +47,7 @@ class NativeLowering:
     out: str | None = None
     check: Callable[..., object] | None = None
     ignores: tuple[str, ...] = ()
+    mutates: tuple[str, ...] = ()
 
     @property
     def namespace(self) -> str:
@@ -72,7 +76,10 @@ class NativeLowering:
             self.run_check(arguments, _where)
             return self.native(**self.native_arguments(arguments))
 
-        return _named(checked, self, "checked")
+        function = _named(checked, self, "checked")
+        if self.mutates:
+            torch.fx.node.has_side_effect(function)
+        return function
 
     @functools.cached_property
     def into(self) -> Callable[..., None]:
@@ -122,11 +129,12 @@ def native_lowering(
     out: str | None = None,
     check: Callable[..., object] | None = None,
     ignores: tuple[str, ...] = (),
+    mutates: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., object]], Callable[..., object]]:
     """Register the decorated function as the native lowering of the CUDA-only op `qualname`.
 
     `family` defaults to the name of the module the function is defined in ("mhc" for lowerings/mhc.py).
-    See NativeLowering for `out`, `check` and `ignores`. The op need not exist yet: its schema is read when a
+    See NativeLowering for `out`, `check`, `ignores` and `mutates`. The op need not exist yet: its schema is read when a
     call of it is rewritten, and a call whose schema does not fit the function is refused there.
     """
 
@@ -135,8 +143,12 @@ def native_lowering(
             raise ValueError(f"native_lowering needs 'namespace::name', got {qualname!r}")
         if qualname in LOWERINGS and LOWERINGS[qualname].native is not fn:
             raise ValueError(f"{qualname} already has a native lowering: {LOWERINGS[qualname].native}")
+        if out is not None and mutates:
+            raise ValueError(f"{qualname}: give either out= (one buffer the op fills) or mutates=, not both")
         name = family or fn.__module__.rsplit(".", 1)[-1]
-        LOWERINGS[qualname] = NativeLowering(qualname, fn, name, out, check, tuple(ignores))
+        LOWERINGS[qualname] = NativeLowering(qualname, fn, name, out, check, tuple(ignores), tuple(mutates))
+        if mutates:
+            torch.fx.node.has_side_effect(fn)
         return fn
 
     return register

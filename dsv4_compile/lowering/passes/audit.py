@@ -4,6 +4,9 @@ Matches: whatever cannot run on the target device after the rewrites:
   - calls of ops with a registered native lowering (their family was disabled, or they could not be lowered);
   - any other operator call (OpOverload or packet, whatever its namespace) with no kernel for the target
     device and no composite implementation; `aten` and `prims` ops are Inductor's own and always lowered;
+  - ops known to be CUDA-only although they report a kernel for the target (CUDA_ONLY_OPS: vLLM registers
+    its Python kernel wrappers under the platform's dispatch key, so on a CPU build `vllm::mhc_pre_tilelang`
+    "has" a CPU kernel, one that needs tilelang);
   - stream/event nodes and stream tags;
   - `cuda` device constants, on a non-CUDA target;
   - user Triton launches with PDL (`launch_pdl=True` or `USE_GDC=True`).
@@ -13,6 +16,7 @@ Emits:   nothing. Under `strict` it raises one CudaOnlyNodesError naming every o
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import warnings
 
@@ -20,6 +24,7 @@ import torch
 import torch.fx
 
 from dsv4_compile.errors import CudaOnlyNodesError
+from dsv4_compile.lowering.devices import TRITON_DEVICE_TYPES
 from dsv4_compile.lowering.passes.aux_streams import is_stream_node, stream_tag
 from dsv4_compile.lowering.passes.base import PassContext, PassResult, graph_scopes
 from dsv4_compile.lowering.passes.device_constants import cuda_device_uses
@@ -31,6 +36,17 @@ log = logging.getLogger("dsv4_compile")
 # Inductor lowers or decomposes these itself, for every device it generates code for.
 INDUCTOR_NAMESPACES = frozenset({"aten", "prims"})
 _DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA", "xpu": "XPU"}
+# qualname pattern -> why its kernel runs only on CUDA (or ROCm), whatever dispatch key it is registered under.
+CUDA_ONLY_OPS = {
+    "vllm::*_tilelang": "a vLLM tilelang kernel (tilelang targets CUDA and ROCm only)",
+    "vllm::*_aiter": "a vLLM AITER kernel (ROCm only)",
+    "vllm::*_cutedsl": "a vLLM CuTe-DSL kernel (CUDA only)",
+}
+# Ops whose kernel is a Triton launch: fine where Inductor has Triton, CUDA-only elsewhere.
+TRITON_ONLY_OPS = {
+    "vllm::*_triton": "a vLLM Triton kernel, and the target has no Triton",
+    "vllm::fused_inv_rope_fp8_quant_kernel": "a vLLM Triton kernel, and the target has no Triton",
+}
 _COMPOSITE_KEYS = ("CompositeImplicitAutograd", "CompositeExplicitAutograd", "CompositeExplicitAutogradNonFunctional")
 
 
@@ -62,6 +78,14 @@ def has_kernel_for(overload: torch._ops.OpOverload, device_type: str) -> bool:
     return any(torch._C._dispatch_has_kernel_for_dispatch_key(name, key) for key in keys)
 
 
+def known_cuda_only(qualname: str, device: torch.device) -> str | None:
+    """Why `qualname` is CUDA-only on `device` although it may report a kernel for it; None if not known so."""
+    if device.type == "cuda":
+        return None
+    table = {**CUDA_ONLY_OPS, **({} if device.type in TRITON_DEVICE_TYPES else TRITON_ONLY_OPS)}
+    return next((why for pattern, why in table.items() if fnmatch.fnmatchcase(qualname, pattern)), None)
+
+
 def _why_cuda_only(node: torch.fx.Node, device: torch.device) -> str | None:
     overloads = overloads_of(node.target) if node.op == "call_function" else []
     if overloads:
@@ -74,6 +98,9 @@ def _why_cuda_only(node: torch.fx.Node, device: torch.device) -> str | None:
             return "stream/event operation (serial execution needs none)"
         if namespace not in INDUCTOR_NAMESPACES and not any(has_kernel_for(o, device.type) for o in overloads):
             return f"{qualname} has no {device.type} kernel and no native lowering is registered"
+        known = known_cuda_only(qualname, device)
+        if known is not None:
+            return f"{qualname} is {known}, and no native lowering is registered"
     if is_stream_node(node):
         return "stream/event operation (serial execution needs none)"
     if stream_tag(node) is not None:

@@ -4,6 +4,8 @@ lowering, in the top graph and in every higher-order-op subgraph; counted per op
 Matches: call_function nodes whose target is a registered op (OpOverloadPacket or OpOverload).
 Emits:
   - functional op: a call of the native function with the op's arguments bound by name to its schema;
+  - op that mutates arguments in place (`mutates=`: a cache scatter, several outs): the same call, kept as a
+    side effect; the native function writes those arguments with in-place torch ops;
   - out-style op whose buffer is fresh (`torch.empty`-like, read by nothing before the call): the native call,
     and every later reader of the buffer reads its value; the allocation goes;
   - out-style op whose buffer is the caller's (graph input, a view, a reused buffer): `<native>_into(...)`,
@@ -115,7 +117,7 @@ def lower_call(
     values = recorded_values(arguments)
     if values is not None:
         lowering.run_check(values, where)
-    if lowering.out is None:
+    if lowering.out is None:  # functional, or writes its `mutates` arguments itself
         if values is not None or lowering.check is None:
             new = _insert(graph, node, lowering.native, lowering.native_arguments(arguments))
         else:

@@ -1,0 +1,98 @@
+"""Trace-time substitution of CUDA-only kernel wrappers: Python entry points (tilelang, DeepGEMM, FlashMLA)
+that Dynamo cannot trace off CUDA (they import a CUDA-only library, or only raise in a CPU build) are swapped,
+inside `cuda_compat`, for calls of registered ops, so that the graph holds a node the lowering pass rewrites.
+
+A wrapper is swapped wherever it is bound: in its defining module and in every loaded module that imported it
+by name (`from vllm.model_executor.kernels.mhc.tilelang import mhc_pre_tilelang`). Only modules already loaded
+are touched, and every binding is restored on exit: outside the block the code is exactly the user's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+# vLLM's Python functions that are exactly the body of the `vllm::` op of the same name (registered with
+# direct_register_custom_op): calling the op is calling the function, through the dispatcher.
+OP_BACKED_WRAPPERS: dict[str, tuple[str, ...]] = {
+    "vllm.model_executor.kernels.mhc.tilelang": (
+        "mhc_pre_tilelang", "mhc_post_tilelang", "mhc_fused_post_pre_tilelang", "hc_head_fused_kernel_tilelang",
+        "mhc_pre_delayed_tilelang", "mhc_fused_post_pre_delayed_tilelang",
+    ),
+}
+# Modules of dsv4_compile.frontend.ops with a `SUBSTITUTES = {"module.function": replacement}` table.
+SUBSTITUTE_MODULES = ("vllm_mhc_substitutes", "vllm_attention", "vllm_o_proj")
+
+
+def vllm_substitutes() -> dict[str, Callable[..., object]]:
+    """Every known vLLM kernel wrapper ("module.function") -> what runs in its place while tracing."""
+    table: dict[str, Callable[..., object]] = {}
+    for module_name, functions in OP_BACKED_WRAPPERS.items():
+        for function in functions:
+            table[f"{module_name}.{function}"] = _op_packet("vllm", function)
+    for name in SUBSTITUTE_MODULES:
+        try:
+            module = importlib.import_module(f"dsv4_compile.frontend.ops.{name}")
+        except ModuleNotFoundError:
+            continue
+        table.update(getattr(module, "SUBSTITUTES", {}))
+    return table
+
+
+def _op_packet(namespace: str, name: str) -> Callable[..., object]:
+    def call_op(*args: object, **kwargs: object) -> object:
+        return getattr(getattr(torch.ops, namespace), name)(*args, **kwargs)
+
+    call_op.__name__ = call_op.__qualname__ = f"{name}_as_op"
+    return call_op
+
+
+def bindings_of(original: object, package: str) -> list[tuple[object, str]]:
+    """(module, global name) of every loaded module under `package` that binds `original`."""
+    found = []
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not (module_name == package or module_name.startswith(package + ".")):
+            continue
+        namespace = getattr(module, "__dict__", {})
+        found += [(module, name) for name, value in list(namespace.items()) if value is original]
+    return found
+
+
+@contextlib.contextmanager
+def substituted_wrappers(table: Mapping[str, Callable[..., object]]) -> Iterator[list[str]]:
+    """Swap each loaded wrapper of `table` for its replacement inside the block; yields the names swapped."""
+    swapped: list[tuple[object, str, object]] = []
+    names = []
+    try:
+        for dotted, replacement in table.items():
+            module_name, _, function = dotted.rpartition(".")
+            module = sys.modules.get(module_name)
+            original = getattr(module, function, None) if module is not None else None
+            if original is None or original is replacement:
+                continue
+            for holder, name in bindings_of(original, module_name.split(".", 1)[0]):
+                swapped.append((holder, name, original))
+                setattr(holder, name, replacement)
+            names.append(dotted)
+        yield names
+    finally:
+        for holder, name, original in reversed(swapped):
+            setattr(holder, name, original)
+
+
+@contextlib.contextmanager
+def vllm_kernel_wrappers() -> Iterator[list[str]]:
+    """`substituted_wrappers(vllm_substitutes())` when vLLM is loaded, after defining the ops vLLM's build
+    lacks; otherwise nothing."""
+    if "vllm" not in sys.modules:
+        yield []
+        return
+    from dsv4_compile.frontend.ops.vllm import ensure_vllm_ops
+
+    ensure_vllm_ops()
+    with substituted_wrappers(vllm_substitutes()) as names:
+        yield names
