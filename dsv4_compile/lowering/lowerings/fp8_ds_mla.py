@@ -106,24 +106,34 @@ def read_fp8_ds_mla_slots(cache: torch.Tensor, slots: torch.Tensor, block_size: 
 
 def write_fp8_ds_mla_slots(cache: torch.Tensor, latent: torch.Tensor, slots: torch.Tensor, block_size: int) -> None:
     """Quantise `latent [N, 512]` and write row i at slot `slots[i]` of the paged cache, in place; slot -1
-    (any negative) skips the row. Bytes of other slots and the block padding are left as they were."""
-    num_tokens = slots.shape[0]
-    if num_tokens == 0:
+    (any negative) skips the row. Bytes of other slots and the block padding are left as they were. Only the
+    first `slots.shape[0]` rows are written (the caller's rows may be padded beyond the slot mapping)."""
+    if slots.shape[0] == 0:
         return
-    data, scales = paged_regions(cache, block_size)
-    packed = pack_fp8_ds_mla(latent[:num_tokens])
+    scatter_paged_rows(list(paged_regions(cache, block_size)), pack_fp8_ds_mla(latent[:slots.shape[0]]), slots,
+                       block_size)
+
+
+def scatter_paged_rows(regions: list[torch.Tensor], rows: torch.Tensor, slots: torch.Tensor, block_size: int) -> None:
+    """Write `rows [N, W]` at `slots [N]` (negative: skip) into paged `regions` (`[num_blocks, block_size, w_k]`
+    views, the sum of w_k being W: row columns go to the regions in order), in place."""
+    if slots.shape[0] == 0:
+        return
     slots = slots.long()
     valid = slots >= 0
     # Skipped rows are redirected, without a data-dependent shape, to a slot that is written anyway with the
     # same bytes (the first valid row's), or, when no row is valid, to slot 0 with the bytes it already holds.
-    first_valid = torch.argmax(valid.to(torch.int8))
-    any_valid = valid[first_valid]
-    fallback_slot = torch.where(any_valid, slots[first_valid], 0)
+    first_valid = torch.argmax(valid.to(torch.int8), dim=0, keepdim=True)  # [1]: indexes as a tensor, not an int
+    any_valid = valid.gather(0, first_valid)
+    fallback_slot = torch.where(any_valid, slots.gather(0, first_valid), 0)
     fallback_block, fallback_offset = fallback_slot // block_size, fallback_slot % block_size
-    current = torch.cat([data[fallback_block, fallback_offset], scales[fallback_block, fallback_offset]], dim=-1)
-    fallback_row = torch.where(any_valid, packed[first_valid], current)
+    current = torch.cat([region[fallback_block, fallback_offset] for region in regions], dim=-1)
+    fallback_row = torch.where(any_valid.unsqueeze(-1), rows.index_select(0, first_valid), current)
     target = torch.where(valid, slots, fallback_slot)
-    rows = torch.where(valid.unsqueeze(-1), packed, fallback_row)
+    rows = torch.where(valid.unsqueeze(-1), rows, fallback_row)
     block, offset = target // block_size, target % block_size
-    data.index_put_((block, offset), rows[:, :TOKEN_DATA_BYTES])
-    scales.index_put_((block, offset), rows[:, TOKEN_DATA_BYTES:])
+    start = 0
+    for region in regions:
+        width = region.shape[-1]
+        region.index_put_((block, offset), rows[:, start:start + width])
+        start += width
