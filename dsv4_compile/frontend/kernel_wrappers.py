@@ -2,8 +2,10 @@
 that Dynamo cannot trace off CUDA (they import a CUDA-only library, or only raise in a CPU build) are swapped,
 inside `cuda_compat`, for calls of registered ops, so that the graph holds a node the lowering pass rewrites.
 
-A wrapper is swapped wherever it is bound: in its defining module and in every loaded module that imported it
-by name (`from vllm.model_executor.kernels.mhc.tilelang import mhc_pre_tilelang`). Only modules already loaded
+A wrapper is swapped wherever it is bound under its own name: in its defining module and in every loaded
+module that imported it (`from vllm.model_executor.kernels.mhc.tilelang import mhc_pre_tilelang`). The name
+must match as well as the object: in vLLM's CPU build every FlashMLA entry point is one and the same function
+(it raises "FlashMLA unavailable"), and each needs its own stand-in. Only modules already loaded
 are touched, and every binding is restored on exit: outside the block the code is exactly the user's.
 """
 
@@ -51,14 +53,14 @@ def _op_packet(namespace: str, name: str) -> Callable[..., object]:
     return call_op
 
 
-def bindings_of(original: object, package: str) -> list[tuple[object, str]]:
-    """(module, global name) of every loaded module under `package` that binds `original`."""
+def bindings_of(original: object, name: str, package: str) -> list[object]:
+    """Every loaded module under `package` that binds `original` to the global `name`."""
     found = []
     for module_name, module in list(sys.modules.items()):
         if module is None or not (module_name == package or module_name.startswith(package + ".")):
             continue
-        namespace = getattr(module, "__dict__", {})
-        found += [(module, name) for name, value in list(namespace.items()) if value is original]
+        if getattr(module, "__dict__", {}).get(name) is original:
+            found.append(module)
     return found
 
 
@@ -74,9 +76,9 @@ def substituted_wrappers(table: Mapping[str, Callable[..., object]]) -> Iterator
             original = getattr(module, function, None) if module is not None else None
             if original is None or original is replacement:
                 continue
-            for holder, name in bindings_of(original, module_name.split(".", 1)[0]):
-                swapped.append((holder, name, original))
-                setattr(holder, name, replacement)
+            for holder in bindings_of(original, function, module_name.split(".", 1)[0]):
+                swapped.append((holder, function, original))
+                setattr(holder, function, replacement)
             names.append(dotted)
         yield names
     finally:
