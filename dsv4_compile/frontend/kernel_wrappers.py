@@ -37,11 +37,7 @@ def vllm_substitutes() -> dict[str, Callable[..., object]]:
         for function in functions:
             table[f"{module_name}.{function}"] = _op_packet("vllm", function)
     for name in SUBSTITUTE_MODULES:
-        try:
-            module = importlib.import_module(f"dsv4_compile.frontend.ops.{name}")
-        except ModuleNotFoundError:
-            continue
-        table.update(getattr(module, "SUBSTITUTES", {}))
+        table.update(importlib.import_module(f"dsv4_compile.frontend.ops.{name}").SUBSTITUTES)
     return table
 
 

@@ -3,6 +3,6 @@
 Importing this package registers them all (dsv4_compile.lowering.registry.LOWERINGS).
 """
 
-from dsv4_compile.lowering.lowerings import activation, attention, flashmla, kv_cache, mhc, mhc_vllm
+from dsv4_compile.lowering.lowerings import activation, attention, flashmla, kv_cache, mhc, mhc_vllm, o_proj, routing
 
-__all__ = ["activation", "attention", "flashmla", "kv_cache", "mhc", "mhc_vllm"]
+__all__ = ["activation", "attention", "flashmla", "kv_cache", "mhc", "mhc_vllm", "o_proj", "routing"]
