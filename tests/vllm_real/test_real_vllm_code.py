@@ -159,40 +159,43 @@ def _mhc_post_inputs() -> tuple[torch.Tensor, ...]:
             torch.rand(tokens, hc_mult, hc_mult, generator=generator))
 
 
-@pytest.mark.parametrize(
-    ("method", "qualname", "as_device"),
-    [
-        # The CUDA path of DeepSeek-V4's mHC post block: a Python op vLLM registers itself.
-        ("forward_cuda", "vllm::mhc_post_tilelang", "cuda"),
-        # Its CPU path: a C++ kernel of vLLM's CPU build.
-        ("forward_cpu", "_C::hc_post_fused_cpu", "cpu"),
-    ],
-)
-def test_audit_reports_vllm_ops_without_an_xpu_kernel(vllm_config, method, qualname, as_device):
+def test_the_cuda_path_of_vllms_mhc_post_is_lowered_for_xpu(vllm_config):
+    """MHCPostOp.forward_cuda calls `vllm::mhc_post_tilelang`, a Python op vLLM registers under the platform's
+    key (so on this CPU build it "has" a CPU kernel, which needs TileLang): the backend lowers it for xpu and
+    the result is vLLM's own `forward_native`."""
     from vllm.model_executor.layers.mhc import MHCPostOp
 
-    namespace, name = qualname.split("::")
-    op = getattr(getattr(torch.ops, namespace), name, None)
-    if op is None:
+    layer = MHCPostOp()
+    gm = dsv4_compile.capture(layer.forward_cuda, *_mhc_post_inputs(), as_device="cuda")
+    before = [op_qualname(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert before.count("vllm::mhc_post_tilelang") == 1
+    with pytest.raises(ImportError, match="tilelang"):
+        torch.ops.vllm.mhc_post_tilelang(*_mhc_post_inputs())
+
+    report = dsv4_compile.run_pipeline(gm, torch.device("xpu"))
+    assert report["mhc"].changed == 1 and report["audit"].matched == 0
+    assert "vllm::mhc_post_tilelang" not in [op_qualname(n.target) for n in gm.graph.nodes]
+    # the rewritten graph still carries the capture's fake devices; run it on CPU tensors
+    captured = dsv4_compile.capture(layer.forward_cuda, *_mhc_post_inputs(), as_device="cpu")
+    dsv4_compile.run_pipeline(captured, torch.device("cpu"))
+    (got,) = captured(*_mhc_post_inputs())  # a captured graph returns a tuple
+    torch.testing.assert_close(got, layer.forward_native(*_mhc_post_inputs()), rtol=2 ** -7, atol=1e-2)
+
+
+def test_audit_reports_vllms_cpu_kernel_for_an_xpu_target(vllm_config):
+    """MHCPostOp.forward_cpu calls `_C::hc_post_fused_cpu`, a C++ kernel of vLLM's CPU build: right for cpu,
+    no kernel for xpu, and no lowering (it is no CUDA op): the audit names it for xpu and passes it for cpu."""
+    from vllm.model_executor.layers.mhc import MHCPostOp
+
+    qualname = "_C::hc_post_fused_cpu"
+    if not hasattr(torch.ops._C, "hc_post_fused_cpu"):
         # vLLM loads its full `_C` (with the DeepSeek-V4 CPU ops) only on CPUs with AVX512-BF16; elsewhere it
         # loads `_C_AVX512` or `_C_AVX2`, which lack them.
         pytest.skip(f"{qualname} is not in the kernel library vLLM loaded on this CPU")
-    assert qualname not in LOWERINGS, f"{qualname} has a lowering now: pick an op that has none for this test"
-
-    layer = MHCPostOp()
-    gm = dsv4_compile.capture(getattr(layer, method), *_mhc_post_inputs(), as_device=as_device)
-    assert [op_qualname(n.target) for n in gm.graph.nodes if n.op == "call_function"].count(qualname) == 1
-
+    assert qualname not in LOWERINGS
+    gm = dsv4_compile.capture(MHCPostOp().forward_cpu, *_mhc_post_inputs(), as_device="cpu")
     findings = find_cuda_only_nodes(gm, torch.device("xpu"))
     assert [why for _, why in findings] == [f"{qualname} has no xpu kernel and no native lowering is registered"]
     with pytest.raises(dsv4_compile.CudaOnlyNodesError, match=f"{qualname} has no xpu kernel"):
         dsv4_compile.run_pipeline(gm, torch.device("xpu"))
-
-    # Target cpu: the audit judges an op by the kernels registered for it, and both ops have a CPU kernel.
-    # For the `_C` op that is the real thing. For the `vllm::` op it is not: vLLM registers its Python ops
-    # under the platform's dispatch key, CPU on a CPU platform, whatever their body needs, and this one needs
-    # TileLang; the audit passes it on CPU and the call fails when it runs.
     assert find_cuda_only_nodes(gm, torch.device("cpu")) == []
-    if namespace == "vllm":
-        with pytest.raises(ImportError, match="tilelang"):
-            op(*_mhc_post_inputs())
