@@ -205,5 +205,5 @@ def cuda_compat(device: str | torch.device) -> Iterator[torch.device]:
     if target.type == "cuda":
         yield target
         return
-    with cuda_stream_api(target), _dynamo_is_cuda(target.type), vllm_kernel_wrappers(), RetargetCudaMode(target):
+    with cuda_stream_api(target), _dynamo_is_cuda(target.type), vllm_kernel_wrappers(target), RetargetCudaMode(target):
         yield target

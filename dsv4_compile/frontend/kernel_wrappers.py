@@ -26,18 +26,28 @@ OP_BACKED_WRAPPERS: dict[str, tuple[str, ...]] = {
         "mhc_pre_delayed_tilelang", "mhc_fused_post_pre_delayed_tilelang",
     ),
 }
-# Modules of dsv4_compile.frontend.ops with a `SUBSTITUTES = {"module.function": replacement}` table.
-SUBSTITUTE_MODULES = ("vllm_mhc_substitutes", "vllm_attention", "vllm_o_proj")
+# Modules of dsv4_compile.frontend.ops with a `SUBSTITUTES = {"module.function": replacement}` table, for every
+# target, and optionally `NO_TRITON_SUBSTITUTES`, for targets without Triton (CPU): there vLLM's Triton entry
+# points become plain torch; on a Triton target (XPU) its Triton kernels compile as they are.
+SUBSTITUTE_MODULES = ("vllm_mhc_substitutes", "vllm_attention", "vllm_o_proj", "vllm_triton_attention",
+                      "vllm_triton_compressor")
 
 
-def vllm_substitutes() -> dict[str, Callable[..., object]]:
-    """Every known vLLM kernel wrapper ("module.function") -> what runs in its place while tracing."""
+def vllm_substitutes(target: torch.device | None = None) -> dict[str, Callable[..., object]]:
+    """Every known vLLM kernel wrapper ("module.function") -> what runs in its place while tracing for
+    `target` (default cpu)."""
+    from dsv4_compile.lowering.devices import TRITON_DEVICE_TYPES
+
+    has_triton = target is not None and target.type in TRITON_DEVICE_TYPES
     table: dict[str, Callable[..., object]] = {}
     for module_name, functions in OP_BACKED_WRAPPERS.items():
         for function in functions:
             table[f"{module_name}.{function}"] = _op_packet("vllm", function)
     for name in SUBSTITUTE_MODULES:
-        table.update(importlib.import_module(f"dsv4_compile.frontend.ops.{name}").SUBSTITUTES)
+        module = importlib.import_module(f"dsv4_compile.frontend.ops.{name}")
+        table.update(getattr(module, "SUBSTITUTES", {}))
+        if not has_triton:
+            table.update(getattr(module, "NO_TRITON_SUBSTITUTES", {}))
     return table
 
 
@@ -83,14 +93,14 @@ def substituted_wrappers(table: Mapping[str, Callable[..., object]]) -> Iterator
 
 
 @contextlib.contextmanager
-def vllm_kernel_wrappers() -> Iterator[list[str]]:
-    """`substituted_wrappers(vllm_substitutes())` when vLLM is loaded, after defining the ops vLLM's build
-    lacks; otherwise nothing."""
+def vllm_kernel_wrappers(target: torch.device | None = None) -> Iterator[list[str]]:
+    """`substituted_wrappers(vllm_substitutes(target))` when vLLM is loaded, after defining the ops vLLM's
+    build lacks; otherwise nothing."""
     if "vllm" not in sys.modules:
         yield []
         return
     from dsv4_compile.frontend.ops.vllm import ensure_vllm_ops
 
     ensure_vllm_ops()
-    with substituted_wrappers(vllm_substitutes()) as names:
+    with substituted_wrappers(vllm_substitutes(target)) as names:
         yield names
