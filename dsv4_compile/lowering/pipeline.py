@@ -48,11 +48,13 @@ PASSES: tuple[PassSpec, ...] = (
              "every op in the registry -> its native lowering (one row per op family; the tile scheduler "
              "goes with the sparse decode that needed it)"),
     PassSpec("pdl", disable_pdl,
-             "user Triton launches: launch_pdl dropped, USE_GDC=False (CPU: the kernel's plain-torch fallback)"),
+             "user Triton launches: launch_pdl off (a launch option dropped, a constexpr set False), USE_GDC=False "
+             "(CPU: the kernel's plain-torch fallback)"),
     PassSpec("device_constants", retarget_device_constants,
              'hard-coded device="cuda" constants, .to("cuda"), .cuda() -> the target device'),
     PassSpec("audit", audit_residual_cuda,
-             "residual-CUDA check: raises (strict) or warns on any node with no kernel for the target"),
+             "residual-CUDA check: raises (strict) or warns on any node with no kernel for the target or "
+             "known to be CUDA-only"),
 )
 
 
