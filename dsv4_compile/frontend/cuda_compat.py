@@ -4,7 +4,10 @@
   - `torch.cuda.Stream/Event/current_stream/default_stream/stream/synchronize` give the target's streams
     and events (on CPU, which has no stream runtime, eager calls are no-ops, and under Dynamo they still
     record the stream nodes that the `aux_streams` pass then removes);
+  - `torch.cuda.is_current_stream_capturing()` is False (no CUDA graph is ever captured on `device`);
   - `device="cuda"`, `.to("cuda")`, `.cuda()` land on `device`; `.is_cuda` is True for tensors on `device`;
+  - `torch.mm/bmm(a, b, out_dtype=dt)`, where `device` has no kernel for it, multiply in `dt`;
+  - where vLLM is loaded, its platform answers the CUDA capability of the path lowered (vllm_platform.py);
   - where vLLM is loaded, its CUDA-only kernel wrappers (tilelang, DeepGEMM, FlashMLA entry points) become
     calls of registered ops (kernel_wrappers.py).
 It changes what Python computes at trace time only; the CUDA-only ops, streams and kernels that reach the
@@ -21,6 +24,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from dsv4_compile.frontend.kernel_wrappers import vllm_kernel_wrappers
+from dsv4_compile.frontend.vllm_platform import cuda_capability_of_lowered_path
 from dsv4_compile.lowering.devices import is_cuda_device, parse_device
 
 
@@ -94,6 +98,11 @@ def synchronize(device: Any = None) -> None:
     pass
 
 
+def not_capturing() -> bool:
+    """`torch.cuda.is_current_stream_capturing` on a target that never captures CUDA graphs."""
+    return False
+
+
 def _native_stream_api(device: torch.device) -> dict[str, Any]:
     """Replacements for torch.cuda's stream API on a device whose streams exist (XPU)."""
     def make_stream(device_arg: Any = None, priority: int = 0, **_: Any) -> torch.Stream:
@@ -110,6 +119,7 @@ def _native_stream_api(device: torch.device) -> dict[str, Any]:
         "default_stream": lambda device_arg=None: backend.current_stream(),
         "stream": backend.stream,
         "synchronize": lambda device_arg=None: backend.synchronize(),
+        "is_current_stream_capturing": not_capturing,
     }
 
 
@@ -121,15 +131,18 @@ def _serial_stream_api() -> dict[str, Any]:
         "default_stream": current_stream,
         "stream": stream,
         "synchronize": synchronize,
+        "is_current_stream_capturing": not_capturing,
     }
 
 
 class RetargetCudaMode(TorchFunctionMode):
-    """Maps `cuda` devices in torch calls to the target device (`device=`, `.to(...)`, `.cuda()`, `.is_cuda`)."""
+    """Maps `cuda` devices in torch calls to the target device (`device=`, `.to(...)`, `.cuda()`, `.is_cuda`),
+    and `torch.mm/bmm(..., out_dtype=)` to a matmul in `out_dtype` where the target has no kernel for it."""
 
     def __init__(self, device: torch.device) -> None:
         super().__init__()
         self.device = device
+        self.has_out_dtype_matmul = has_out_dtype_matmul(device.type)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
         kwargs = kwargs or {}
@@ -143,7 +156,22 @@ class RetargetCudaMode(TorchFunctionMode):
             kwargs = {**kwargs, "device": self.device}
         if func is torch.Tensor.to:
             args = tuple(self.device if is_cuda_device(a) else a for a in args)
+        if func in _OUT_DTYPE_MATMULS and not self.has_out_dtype_matmul:
+            kwargs = dict(kwargs)
+            out_dtype = kwargs.pop("out_dtype", args[2] if len(args) > 2 else None)
+            if out_dtype is not None:
+                # What a kernel accumulating in `out_dtype` computes; CPU has no such kernel (aten::mm.dtype)
+                # and Inductor accepts out_dtype only for CUDA and XPU.
+                return func(args[0].to(out_dtype), args[1].to(out_dtype), **kwargs)
         return func(*args, **kwargs)
+
+
+_OUT_DTYPE_MATMULS = (torch.mm, torch.bmm)
+
+
+def has_out_dtype_matmul(device_type: str) -> bool:
+    """Whether torch has a `device_type` kernel for `torch.mm(a, b, out_dtype=...)` (aten::mm.dtype)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", device_type.upper())
 
 
 @contextlib.contextmanager
@@ -164,6 +192,52 @@ def _dynamo_is_cuda(device_type: str) -> Iterator[None]:
         yield
     finally:
         TensorVariable.method_attr_is_cuda = original
+
+
+@contextlib.contextmanager
+def _dynamo_subclass_getattr_without_redispatch() -> Iterator[None]:
+    """Stop Dynamo from re-dispatching a base-tensor attribute read to a subclass that has disabled dispatch.
+
+    A tensor subclass whose `__torch_function__` defers to `super().__torch_function__` (vLLM's parameters do)
+    makes Dynamo recurse forever on `w.T`, `w.shape`, ... while any torch function mode is active:
+      1. TensorWithTFOverrideVariable.var_getattr dispatches the read to the subclass's `__torch_function__`
+         whenever `can_dispatch_torch_function` holds, which is "subclass dispatch enabled OR a mode active";
+      2. `super().__torch_function__` (Tensor.__torch_function__) disables subclass dispatch and calls the
+         attribute getter, which Dynamo turns into `var_getattr` on the same variable again;
+      3. subclass dispatch is off, but the mode half of the test still holds, so step 1 dispatches to the
+         subclass again.
+    Eagerly, inside DisableTorchFunctionSubclass a getter never reaches the subclass's `__torch_function__`:
+    it reads the base tensor's attribute. The patch does exactly that: with subclass dispatch disabled, a
+    base `torch.Tensor` attribute the subclass does not override is read as on a plain tensor. Everything
+    else goes to Dynamo's own method. (Dynamo's var_getattr hands a getter to the subclass, never to a mode,
+    with or without the patch; `.is_cuda` goes through _dynamo_is_cuda.) Torch 2.11 and 2.13 share this
+    code; where its pieces are missing the patch is skipped.
+    """
+    try:
+        from torch._dynamo.variables import torch_function
+        from torch._dynamo.variables.tensor import TensorVariable
+    except ImportError:
+        yield
+        return
+    subclass_variable = getattr(torch_function, "TensorWithTFOverrideVariable", None)
+    is_overridden = getattr(torch_function, "_is_attr_overridden", None)
+    if subclass_variable is None or is_overridden is None or "var_getattr" not in vars(subclass_variable):
+        yield
+        return
+    original = subclass_variable.var_getattr
+
+    def var_getattr(self, tx, name):  # noqa: ANN001 - Dynamo's own signature
+        state = tx.symbolic_torch_function_state
+        if (not getattr(state, "torch_function_subclass_enabled", True) and hasattr(torch.Tensor, name)
+                and not is_overridden(tx, self, name)):
+            return TensorVariable.var_getattr(self, tx, name)
+        return original(self, tx, name)
+
+    subclass_variable.var_getattr = var_getattr
+    try:
+        yield
+    finally:
+        subclass_variable.var_getattr = original
 
 
 def _warm_dynamo_rule_caches() -> None:
@@ -205,5 +279,6 @@ def cuda_compat(device: str | torch.device) -> Iterator[torch.device]:
     if target.type == "cuda":
         yield target
         return
-    with cuda_stream_api(target), _dynamo_is_cuda(target.type), vllm_kernel_wrappers(target), RetargetCudaMode(target):
+    with (cuda_stream_api(target), _dynamo_is_cuda(target.type), _dynamo_subclass_getattr_without_redispatch(),
+          vllm_kernel_wrappers(target), cuda_capability_of_lowered_path(), RetargetCudaMode(target)):
         yield target
