@@ -83,7 +83,17 @@ def flash_mla_sparse_fwd(
     return result, max_logits, lse
 
 
+def get_mla_metadata(*args: object, **kwargs: object) -> tuple[object, None]:
+    """FlashMLA's tile-scheduler planner, short-circuited: (an empty `FlashMLASchedMeta()`, FlashMLA's own
+    metadata class, None). The native decode lowering needs no work schedule, and the flash_mla_with_kvcache
+    substitute above drops it."""
+    from vllm.v1.attention.ops.flashmla import FlashMLASchedMeta
+
+    return FlashMLASchedMeta(), None
+
+
 SUBSTITUTES: dict[str, Callable[..., object]] = {
+    "vllm.v1.attention.ops.flashmla.get_mla_metadata": get_mla_metadata,
     "vllm.v1.attention.ops.flashmla.flash_mla_with_kvcache": flash_mla_with_kvcache,
     "vllm.v1.attention.ops.flashmla.flash_mla_sparse_fwd": flash_mla_sparse_fwd,
 }
