@@ -41,7 +41,7 @@ AMAX_FLOOR = 1e-4
 
 def quantize_nope_ue8m0(nope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`nope [..., 448]` (any float dtype) -> (e4m3 bytes `[..., 448]` uint8, scale bytes `[..., 7]` uint8)."""
-    blocks = nope.float().unflatten(-1, (NOPE_BLOCKS, QUANT_BLOCK))
+    blocks = nope.float().reshape(*nope.shape[:-1], NOPE_BLOCKS, QUANT_BLOCK)
     amax = blocks.abs().amax(dim=-1, keepdim=True).clamp_min(AMAX_FLOOR)
     exponent = torch.ceil(torch.log2(amax / E4M3_MAX))
     scaled = (blocks / torch.exp2(exponent)).clamp(-E4M3_MAX, E4M3_MAX)
@@ -52,7 +52,7 @@ def quantize_nope_ue8m0(nope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def dequantize_nope_ue8m0(values: torch.Tensor, scale_bytes: torch.Tensor) -> torch.Tensor:
     """Inverse of quantize_nope_ue8m0: (`[..., 448]` uint8, `[..., 7]` uint8) -> `[..., 448]` fp32."""
-    decoded = values.view(torch.float8_e4m3fn).float().unflatten(-1, (NOPE_BLOCKS, QUANT_BLOCK))
+    decoded = values.view(torch.float8_e4m3fn).float().reshape(*values.shape[:-1], NOPE_BLOCKS, QUANT_BLOCK)
     scale = torch.exp2(scale_bytes.float() - UE8M0_BIAS).unsqueeze(-1)
     return (decoded * scale).flatten(-2)
 
@@ -88,8 +88,10 @@ def paged_regions(cache: torch.Tensor, block_size: int) -> tuple[torch.Tensor, t
             f"the cache has {blocks.shape[1]}"
         )
     data_end = block_size * TOKEN_DATA_BYTES
-    data = blocks[:, :data_end].unflatten(1, (block_size, TOKEN_DATA_BYTES))
-    scales = blocks[:, data_end:data_end + block_size * SCALE_BYTES].unflatten(1, (block_size, SCALE_BYTES))
+    # view, not unflatten: Tensor.unflatten is Python that Dynamo cannot trace under a TorchFunctionMode
+    # (cuda_compat's), and the graph break it causes in a trace-time stand-in loses the strided cache view.
+    data = blocks[:, :data_end].view(-1, block_size, TOKEN_DATA_BYTES)
+    scales = blocks[:, data_end:data_end + block_size * SCALE_BYTES].view(-1, block_size, SCALE_BYTES)
     return data, scales
 
 
