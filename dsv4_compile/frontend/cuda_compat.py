@@ -17,6 +17,7 @@ graph are the backend passes' job. On a `cuda` target it changes nothing.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -165,6 +166,13 @@ class RetargetCudaMode(TorchFunctionMode):
                 return func(args[0].to(out_dtype), args[1].to(out_dtype), **kwargs)
         return func(*args, **kwargs)
 
+
+# Eager code between graph breaks calls the mode for every torch function; Dynamo would try to compile that call
+# as a frame of its own and, its arguments changing dtype from call to call, hit its recompile limit. Skip it as
+# a top-level frame only: traced user code still inlines it (frame strategies do not apply to inlining).
+_skip_code = getattr(importlib.import_module("torch._dynamo.eval_frame"), "skip_code", None)
+if _skip_code is not None:
+    _skip_code(RetargetCudaMode.__torch_function__.__code__)
 
 _OUT_DTYPE_MATMULS = (torch.mm, torch.bmm)
 
