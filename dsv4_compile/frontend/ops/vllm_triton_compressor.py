@@ -37,6 +37,7 @@ from dsv4_compile.lowering.lowerings.fp8_ds_mla import (
     UE8M0_BIAS,
     scatter_paged_rows,
 )
+from dsv4_compile.lowering.lowerings.kv_cache import gptj_rope_tail
 
 INDEXER_SCALE_BYTES = 4  # one fp32 scale per indexer row
 
@@ -79,20 +80,6 @@ def _compressed_rows(
     pooled = (kv * torch.softmax(score, dim=1)).sum(dim=1)
     variance = pooled.square().mean(dim=-1, keepdim=True)
     return pooled * torch.rsqrt(variance + rms_norm_eps) * rms_norm_weight.float()
-
-
-def _gptj_rope_tail(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-                    rope_dim: int) -> torch.Tensor:
-    """`x [..., D]` (leading dim tokens) with its last `rope_dim` values rotated pairwise (x[2i], x[2i+1]) by the
-    angles of row `positions` of `cos_sin_cache` ([cos | sin], each rope_dim // 2)."""
-    half = rope_dim // 2
-    cos_sin = cos_sin_cache.index_select(0, positions.long()).float()
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
-    cos, sin = cos_sin[:, :half].reshape(shape), cos_sin[:, half:2 * half].reshape(shape)
-    pairs = x[..., x.shape[-1] - rope_dim:].reshape(*x.shape[:-1], half, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
-    return torch.cat([x[..., :x.shape[-1] - rope_dim], rotated], dim=-1)
 
 
 def _ue8m0_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -157,7 +144,7 @@ def compress_norm_rope_store(
     normed = _compressed_rows(state_cache, count, token_to_req_indices, positions, block_table, block_size,
                               state_width, head_dim, compress_ratio, overlap, rms_norm_weight, rms_norm_eps)
     rope_positions = torch.div(token_positions, compress_ratio, rounding_mode="floor") * compress_ratio
-    roped = _gptj_rope_tail(normed, rope_positions, cos_sin_cache, rope_head_dim)
+    roped = gptj_rope_tail(normed, rope_positions, cos_sin_cache, rope_head_dim)
     boundary = (token_positions + 1) % compress_ratio == 0
     cache_slots = k_cache_metadata.slot_mapping[:count].long()
     slots = torch.where(boundary & (slot_mapping[:count] >= 0), cache_slots, -1)
@@ -177,7 +164,7 @@ def fused_indexer_q_rope_quant(
     if use_fp4:
         raise NotImplementedError("the MXFP4 indexer query (Blackwell only) has no plain-torch stand-in")
     rope_dim = index_q_cos_sin_cache.shape[-1]
-    roped = _gptj_rope_tail(index_q.float(), positions, index_q_cos_sin_cache, rope_dim)
+    roped = gptj_rope_tail(index_q.float(), positions, index_q_cos_sin_cache, rope_dim)
     nope = index_q.shape[-1] - rope_dim
     q = torch.cat([roped[..., :nope], roped[..., nope:].to(torch.bfloat16).float()], dim=-1)
     scale = _ue8m0_scale(q.abs().amax(dim=-1))  # [T, H]

@@ -19,7 +19,6 @@ import torch
 from dsv4_compile.lowering.lowerings.fp8_ds_mla import (
     E4M3_MAX,
     LATENT_DIM,
-    NOPE_DIM,
     ROPE_DIM,
     paged_regions,
     scatter_paged_rows,
@@ -30,16 +29,26 @@ from dsv4_compile.lowering.registry import native_lowering
 PAIRS = ROPE_DIM // 2
 
 
-def gptj_rope(x: torch.Tensor, position_ids: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
-    """`x [T, ..., 512]` fp32 with its last 64 values rotated at `position_ids [T]`: pair i is (x[2i], x[2i+1])
-    of the rope part, turned by the angle whose cos/sin are `cos_sin_cache[p, i]` / `cos_sin_cache[p, 32 + i]`."""
-    cos_sin = cos_sin_cache.index_select(0, position_ids.long()).float()
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (PAIRS,)
-    cos, sin = cos_sin[:, :PAIRS].reshape(shape), cos_sin[:, PAIRS:].reshape(shape)
-    pairs = x[..., NOPE_DIM:].unflatten(-1, (PAIRS, 2))
+def gptj_rope_tail(
+    x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, rope_dim: int
+) -> torch.Tensor:
+    """`x [T, ..., D]` fp32 with its last `rope_dim` values rotated at `positions [T]`: pair i is (x[2i], x[2i+1])
+    of the rope part, turned by the angle whose cos/sin are `cos_sin_cache[p, i]` / `cos_sin_cache[p, rope_dim/2 + i]`.
+    Views and reshapes only: trace-time stand-ins call it under Dynamo and a TorchFunctionMode."""
+    half = rope_dim // 2
+    cos_sin = cos_sin_cache.index_select(0, positions.long()).float()
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+    cos, sin = cos_sin[:, :half].reshape(shape), cos_sin[:, half:2 * half].reshape(shape)
+    nope = x.shape[-1] - rope_dim
+    pairs = x[..., nope:].reshape(*x.shape[:-1], half, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
-    return torch.cat([x[..., :NOPE_DIM], rotated], dim=-1)
+    return torch.cat([x[..., :nope], rotated], dim=-1)
+
+
+def gptj_rope(x: torch.Tensor, position_ids: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """gptj_rope_tail on DeepSeek-V4's 512-wide latent: the last 64 values rotate."""
+    return gptj_rope_tail(x, position_ids, cos_sin_cache, ROPE_DIM)
 
 
 def normed_roped_q(
