@@ -15,6 +15,7 @@ import torch
 import torch.fx
 
 from dsv4_compile.errors import DeviceError, Dsv4CompileError
+from dsv4_compile.lowering.aliased_inputs import merge_mixed_dtype_aliases
 from dsv4_compile.lowering.devices import device_available, input_devices, parse_device
 from dsv4_compile.lowering.options import BackendOptions
 from dsv4_compile.lowering.pipeline import run_pipeline
@@ -43,7 +44,12 @@ def dsv4_xpu(
         return gm
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, list(example_inputs), config_patches=inductor_config_patches(opts))
+    def inductor(graph: torch.fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
+        return compile_fx(graph, inputs, config_patches=inductor_config_patches(opts))
+
+    # AOTAutograd rejects mutated inputs that view one storage in different dtypes (vLLM's KV-cache buffer).
+    merged = merge_mixed_dtype_aliases(gm, example_inputs, inductor)
+    return merged if merged is not None else inductor(gm, list(example_inputs))
 
 
 def inductor_config_patches(options: BackendOptions) -> dict[str, Any]:
