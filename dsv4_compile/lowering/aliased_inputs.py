@@ -2,7 +2,7 @@
 
 What: when two or more tensor inputs of a graph share one storage and do not all have the same dtype, the graph
 gets ONE new input instead, a flat uint8 tensor over that whole storage, and rebuilds each original input inside
-the graph as `base.as_strided(...)` in bytes, then `.view(dtype)`,. The callable handed back to Dynamo takes
+the graph as `base.as_strided(...)` in bytes, then `.view(dtype)`. The callable handed back to Dynamo takes
 the original inputs, checks they still alias the way they did at compile time, and passes the byte tensor.
 
 Why: AOTAutograd cannot functionalize mutations of inputs that overlap in memory with different dtypes
@@ -81,15 +81,23 @@ def storage_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 def _typed_view(graph: torch.fx.Graph, base: torch.fx.Node, member: AliasedInput) -> torch.fx.Node:
     # as_strided must come first on the input: functionalization cannot replay a mutation through an as_strided
-    # taken of another view. So the member is first described in bytes, with a trailing dim holding one element's
-    # bytes, and only then reinterpreted in its dtype (which folds that dim to 1) and squeezed.
+    # taken of another view. So the member is first described in bytes and only then reinterpreted in its dtype.
+    # With a contiguous last dim that dim is simply widened to its bytes (view(dtype) narrows it back); otherwise
+    # a trailing dim holds one element's bytes, folded to 1 by view(dtype) and squeezed (torch 2.11's Inductor
+    # cannot lower the inverse of that form, so it is used only where it must be).
     aten = torch.ops.aten
     if member.dtype == torch.uint8:
         return graph.call_function(aten.as_strided.default, (base, list(member.size), list(member.stride),
                                                              member.storage_offset))
     itemsize = member.dtype.itemsize
+    offset = member.storage_offset * itemsize
+    if member.size and member.stride[-1] == 1:
+        in_bytes = graph.call_function(aten.as_strided.default, (
+            base, [*member.size[:-1], member.size[-1] * itemsize], [s * itemsize for s in member.stride[:-1]] + [1],
+            offset))
+        return graph.call_function(aten.view.dtype, (in_bytes, member.dtype))
     in_bytes = graph.call_function(aten.as_strided.default, (
-        base, [*member.size, itemsize], [s * itemsize for s in member.stride] + [1], member.storage_offset * itemsize))
+        base, [*member.size, itemsize], [s * itemsize for s in member.stride] + [1], offset))
     typed = graph.call_function(aten.view.dtype, (in_bytes, member.dtype))
     return graph.call_function(aten.squeeze.dim, (typed, -1))
 
