@@ -136,6 +136,14 @@ def _serial_stream_api() -> dict[str, Any]:
     }
 
 
+_OUT_DTYPE_MATMULS = (torch.mm, torch.bmm)
+
+
+def has_out_dtype_matmul(device_type: str) -> bool:
+    """Whether torch has a `device_type` kernel for `torch.mm(a, b, out_dtype=...)` (aten::mm.dtype)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", device_type.upper())
+
+
 class RetargetCudaMode(TorchFunctionMode):
     """Maps `cuda` devices in torch calls to the target device (`device=`, `.to(...)`, `.cuda()`, `.is_cuda`),
     and `torch.mm/bmm(..., out_dtype=)` to a matmul in `out_dtype` where the target has no kernel for it."""
@@ -173,14 +181,6 @@ class RetargetCudaMode(TorchFunctionMode):
 _skip_code = getattr(importlib.import_module("torch._dynamo.eval_frame"), "skip_code", None)
 if _skip_code is not None:
     _skip_code(RetargetCudaMode.__torch_function__.__code__)
-
-_OUT_DTYPE_MATMULS = (torch.mm, torch.bmm)
-
-
-def has_out_dtype_matmul(device_type: str) -> bool:
-    """Whether torch has a `device_type` kernel for `torch.mm(a, b, out_dtype=...)` (aten::mm.dtype)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", device_type.upper())
-
 
 @contextlib.contextmanager
 def _dynamo_is_cuda(device_type: str) -> Iterator[None]:

@@ -15,14 +15,13 @@ import torch
 
 from dsv4_compile.errors import LoweringContractError
 from dsv4_compile.frontend.ops import vllm_attention
-from dsv4_compile.frontend.ops.define import define_if_missing
+from dsv4_compile.frontend.ops.vllm import define_missing_ops
 from dsv4_compile.lowering.lowerings import flashmla
 from tests.conftest import lower_graph_testing
 
 DECODE, PREFILL = "_flashmla_C::sparse_decode_fwd", "_flashmla_C::sparse_prefill_fwd"
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-for _qualname, _schema, _fake in vllm_attention.DEFINITIONS:
-    define_if_missing(_qualname, _schema, _fake)
+define_missing_ops()  # the ops vLLM's CUDA build has, without importing vLLM in this process
 
 
 # ----------------------------------------------------------------------------- fp64 math

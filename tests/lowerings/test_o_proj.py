@@ -13,12 +13,11 @@ import torch
 
 import dsv4_compile
 from dsv4_compile.frontend.ops import vllm_o_proj
-from dsv4_compile.frontend.ops.define import define_if_missing
+from dsv4_compile.frontend.ops.vllm import define_missing_ops
 from dsv4_compile.lowering.lowerings.o_proj import fused_inv_rope_fp8_quant_native
 from tests.conftest import lower_graph_testing, reports_since
 
-for _entry in vllm_o_proj.DEFINITIONS:
-    define_if_missing(*_entry)
+define_missing_ops()  # the ops vLLM's CUDA build has, without importing vLLM in this process
 
 EINSUM, PRENORM = "dsv4_compat::fp8_einsum", "dsv4_compat::tf32_hc_prenorm_gemm"
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max

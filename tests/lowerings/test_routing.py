@@ -12,13 +12,11 @@ import pytest
 import torch
 
 import dsv4_compile.lowering.lowerings.routing  # noqa: F401 - registers the lowering
-from dsv4_compile.frontend.ops import vllm_routing
-from dsv4_compile.frontend.ops.define import define_if_missing
+from dsv4_compile.frontend.ops.vllm import define_missing_ops
 from dsv4_compile.lowering.lowerings.routing import check_topk_softplus_sqrt
 from tests.conftest import lower_graph_testing
 
-for _entry in vllm_routing.DEFINITIONS:
-    define_if_missing(*_entry)
+define_missing_ops()  # the ops vLLM's CUDA build has, without importing vLLM in this process
 
 OP, NATIVE = "_moe_C::topk_softplus_sqrt", "topk_softplus_sqrt_native"
 UNTOUCHED = -7  # what token_expert_indices holds before the call

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from dsv4_compile.frontend.ops.define import define_if_missing
 from dsv4_compile.lowering.lowerings.activation import check_silu_and_mul_buffers
 
 QUALNAME = "_C::silu_and_mul_with_clamp"
@@ -25,12 +26,6 @@ def _cuda(result: torch.Tensor, input: torch.Tensor, limit: float, alpha: float 
     silu_and_mul_with_clamp_triton(result, input, limit, alpha, beta)
 
 
-def op_exists(qualname: str) -> bool:
-    """Whether `namespace::name` is a registered operator."""
-    namespace, name = qualname.split("::")
-    return hasattr(getattr(torch.ops, namespace), name)
-
-
 def _triton_usable() -> bool:
     try:
         from torch.utils._triton import has_triton
@@ -39,10 +34,4 @@ def _triton_usable() -> bool:
     return torch.cuda.is_available() and has_triton()
 
 
-# FRAGMENT, never DEF: vLLM's C++ library owns the `_C` namespace when it is loaded.
-_lib = torch.library.Library("_C", "FRAGMENT")
-if not op_exists(QUALNAME):
-    _lib.define(SCHEMA)
-    if _triton_usable():
-        _lib.impl("silu_and_mul_with_clamp", _cuda, "CUDA")
-    torch.library.register_fake(QUALNAME, _fake, lib=_lib)
+define_if_missing(QUALNAME, SCHEMA, _fake, _cuda if _triton_usable() else None)

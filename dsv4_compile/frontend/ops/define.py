@@ -17,7 +17,7 @@ _LIBRARIES: dict[str, torch.library.Library] = {}
 def op_exists(qualname: str) -> bool:
     """Whether `namespace::name` is a registered operator."""
     namespace, name = qualname.split("::")
-    return torch._C._dispatch_has_kernel(qualname) or hasattr(getattr(torch.ops, namespace), name)
+    return hasattr(getattr(torch.ops, namespace), name)
 
 
 def fragment(namespace: str) -> torch.library.Library:

@@ -33,16 +33,23 @@ def load_vllm_kernel_libraries() -> list[str]:
     return loaded
 
 
+def define_missing_ops() -> list[str]:
+    """Define every op of FAMILY_MODULES that no loaded library provides; the qualnames defined now. Without
+    loading vLLM: for a process that must not import it (ensure_vllm_ops is the one to call alongside vLLM)."""
+    defined = []
+    for module_name in FAMILY_MODULES:
+        module = importlib.import_module(f"dsv4_compile.frontend.ops.{module_name}")
+        for qualname, schema, fake, *cuda in module.DEFINITIONS:
+            if define_if_missing(qualname, schema, fake, *cuda):
+                defined.append(qualname)
+    return defined
+
+
 def ensure_vllm_ops() -> list[str]:
-    """Define every missing op of vLLM's NVIDIA DeepSeek-V4 path; the qualnames defined here (idempotent)."""
+    """Load vLLM's kernel libraries, then define every op of vLLM's NVIDIA DeepSeek-V4 path they lack; the
+    qualnames defined here (idempotent)."""
     global _DEFINED
     if _DEFINED is None:
         load_vllm_kernel_libraries()
-        defined = []
-        for module_name in FAMILY_MODULES:
-            module = importlib.import_module(f"dsv4_compile.frontend.ops.{module_name}")
-            for qualname, schema, fake, *cuda in module.DEFINITIONS:
-                if define_if_missing(qualname, schema, fake, *cuda):
-                    defined.append(qualname)
-        _DEFINED = defined
+        _DEFINED = define_missing_ops()
     return list(_DEFINED)

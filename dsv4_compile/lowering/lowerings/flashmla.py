@@ -17,33 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from dsv4_compile.lowering.lowerings.attention import attend_with_sink
 from dsv4_compile.lowering.lowerings.fp8_ds_mla import BYTES_PER_TOKEN, read_fp8_ds_mla_slots
 from dsv4_compile.lowering.registry import native_lowering
 
 DECODE_SCHEDULE = ("tile_scheduler_metadata", "num_splits")
-
-
-def attend_with_sink(
-    q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, sink: torch.Tensor | None, scale: float, d_v: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`q [N, H, D]` over `keys [N, K, D]` (fp32) where `valid [N, K]`, the sink logit broadcast to `[N, H]`.
-    Returns (output `[N, H, d_v]` fp32, max scaled logit `[N, H]` (-inf with no valid key), log-sum-exp
-    `[N, H]` (+inf with no valid key))."""
-    # A masked slot may point at never-written cache bytes (NaN): its zero weight must not meet a NaN.
-    keys = keys.masked_fill(~valid.unsqueeze(-1), 0.0)
-    scores = torch.einsum("nhd,nkd->nhk", q.float(), keys) * scale
-    scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    if keys.shape[1] > 0:
-        max_logits = scores.amax(dim=-1)
-    else:
-        max_logits = torch.full_like(lse, float("-inf"))
-    normaliser = lse if sink is None else torch.logaddexp(lse, sink.float())
-    # -inf: nothing to attend to (and no sink); +inf makes every weight, hence the output, zero.
-    normaliser = normaliser.masked_fill(normaliser == float("-inf"), float("inf"))
-    weights = torch.exp(scores - normaliser.unsqueeze(-1))
-    out = torch.einsum("nhk,nkd->nhd", weights, keys[..., :d_v])
-    return out, max_logits, lse.masked_fill(lse == float("-inf"), float("inf"))
 
 
 def valid_slots(indices: torch.Tensor, rows: int, lengths: torch.Tensor | None) -> torch.Tensor:
