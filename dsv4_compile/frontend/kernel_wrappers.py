@@ -12,6 +12,7 @@ are touched, and every binding is restored on exit: outside the block the code i
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -38,7 +39,13 @@ def vllm_substitutes(target: torch.device | None = None) -> dict[str, Callable[.
     `target` (default cpu)."""
     from dsv4_compile.lowering.devices import TRITON_DEVICE_TYPES
 
-    has_triton = target is not None and target.type in TRITON_DEVICE_TYPES
+    return dict(_substitutes(target is not None and target.type in TRITON_DEVICE_TYPES))
+
+
+@functools.cache
+def _substitutes(has_triton: bool) -> dict[str, Callable[..., object]]:
+    # Built once: the same stand-in objects on every entry, so that what Dynamo guarded on when it traced is
+    # still there on the next call (and the table is not rebuilt on every call of a compiled model).
     table: dict[str, Callable[..., object]] = {}
     for module_name, functions in OP_BACKED_WRAPPERS.items():
         for function in functions:
@@ -61,13 +68,30 @@ def _op_packet(namespace: str, name: str) -> Callable[..., object]:
 
 def bindings_of(original: object, name: str, package: str) -> list[object]:
     """Every loaded module under `package` that binds `original` to the global `name`."""
-    found = []
-    for module_name, module in list(sys.modules.items()):
-        if module is None or not (module_name == package or module_name.startswith(package + ".")):
-            continue
-        if getattr(module, "__dict__", {}).get(name) is original:
-            found.append(module)
-    return found
+    return _binding_modules(original, name, _modules_of(package, _loaded_fingerprint()))
+
+
+def _binding_modules(original: object, name: str, modules: list[object]) -> list[object]:
+    return [module for module in modules if getattr(module, "__dict__", {}).get(name) is original]
+
+
+def _loaded_fingerprint() -> tuple[int, ...]:
+    return tuple(map(id, sys.modules.values()))
+
+
+_PACKAGE_MODULES: dict[str, tuple[tuple[int, ...], list[object]]] = {}
+
+
+def _modules_of(package: str, loaded: tuple[int, ...]) -> list[object]:
+    """The loaded modules of `package`, rescanned only when the set of loaded modules (`loaded`, their ids)
+    has changed: vLLM loads thousands of modules, and cuda_compat is entered on every call of a compiled model."""
+    cached = _PACKAGE_MODULES.get(package)
+    if cached is None or cached[0] != loaded:
+        prefix = package + "."
+        modules = [module for module_name, module in list(sys.modules.items())
+                   if module is not None and (module_name == package or module_name.startswith(prefix))]
+        cached = _PACKAGE_MODULES[package] = (loaded, modules)
+    return cached[1]
 
 
 @contextlib.contextmanager
@@ -75,6 +99,7 @@ def substituted_wrappers(table: Mapping[str, Callable[..., object]]) -> Iterator
     """Swap each loaded wrapper of `table` for its replacement inside the block; yields the names swapped."""
     swapped: list[tuple[object, str, object]] = []
     names = []
+    loaded = _loaded_fingerprint()
     try:
         for dotted, replacement in table.items():
             module_name, _, function = dotted.rpartition(".")
@@ -82,7 +107,8 @@ def substituted_wrappers(table: Mapping[str, Callable[..., object]]) -> Iterator
             original = getattr(module, function, None) if module is not None else None
             if original is None or original is replacement:
                 continue
-            for holder in bindings_of(original, function, module_name.split(".", 1)[0]):
+            package_modules = _modules_of(module_name.split(".", 1)[0], loaded)
+            for holder in _binding_modules(original, function, package_modules):
                 swapped.append((holder, function, original))
                 setattr(holder, function, replacement)
             names.append(dotted)
