@@ -1,10 +1,16 @@
-"""Shared benchmark helpers: timing (medians), kernel counts, device-copy bandwidth, JSON + PNG output."""
+"""Shared benchmark helpers: timing (medians) as plain calls and as CUDA-graph replays, kernel counts and a
+per-kernel profile, device-copy bandwidth, JSON (with the exact command line) + PNG output.
+
+These benchmarks run on an NVIDIA GPU standing in for an Intel XPU: the numbers are NVIDIA numbers of the same
+generated code (Inductor's Triton kernels), not XPU measurements."""
 
 from __future__ import annotations
 
 import json
 import platform
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +36,47 @@ def bench_us(fn: Callable[[], object], *, warmup: int = 10, reps: int = 100) -> 
     return 1e6 * statistics.median(times)
 
 
+def graph_us(fn: Callable[[], object], *, warmup: int = 3, reps: int = 100) -> float | None:
+    """Median microseconds of replaying `fn` recorded as one CUDA graph (no launch overhead on the CPU); None
+    when `fn` cannot be recorded."""
+    if not torch.cuda.is_available():
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as exc:
+        print(f"  (not recordable as a CUDA graph: {str(exc).splitlines()[0][:120]})")
+        return None
+    return bench_us(graph.replay, warmup=warmup, reps=reps)
+
+
+def top_kernels(fn: Callable[[], object], n: int = 10) -> list[dict]:
+    """The `n` kernels taking the most GPU time in one call of `fn`: name, calls, us, share of the kernel time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time
+    whole = sum(us for _, us in totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda item: -item[1][1])[:n]
+    return [{"kernel": name[:90], "calls": calls, "us": us, "share": us / whole} for name, (calls, us) in ranked]
+
+
 def copy_bandwidth_gbs(device: str = "cuda", nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second), measured now."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
@@ -50,9 +97,15 @@ def kernel_launches(fn: Callable[[], object]) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def command_line() -> str:
+    """The command this process was started with, as typed (interpreter, flags, module or script, arguments)."""
+    return shlex.join(sys.orig_argv)
+
+
 def environment() -> dict:
     """Where the numbers come from."""
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "note": "an NVIDIA GPU standing in for an Intel XPU: not XPU measurements"}
     if torch.cuda.is_available():
         import triton
 
@@ -62,11 +115,12 @@ def environment() -> dict:
     return env
 
 
-def write_results(name: str, command: str, rows: list[dict], extra: dict | None = None) -> Path:
-    """benchmarks/results/<name>.json with the command that made it."""
+def write_results(name: str, rows: list[dict], extra: dict | None = None) -> Path:
+    """benchmarks/results/<name>.json with the exact command line that made it."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "command": command, "environment": environment(), "rows": rows, **(extra or {})}
+    payload = {"benchmark": name, "command": command_line(), "environment": environment(), "rows": rows,
+               **(extra or {})}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 

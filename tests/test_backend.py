@@ -26,6 +26,7 @@ def test_backend_is_registered_by_entry_point():
          r"unknown pass\(es\) \['no_such_pass'\]; passes are \['aux_streams'.*op families are \[.*'activation'"),
         ({"disable": ["audit"]}, "cannot be disabled"),
         ({"strict": "yes"}, "must be bool"),
+        ({"cudagraphs": 1}, "'cudagraphs' must be bool"),
         ({"device": "tpu"}, "unknown device 'tpu'|unsupported target device 'tpu'"),
         ({"device": "meta"}, "unsupported target device 'meta'"),
     ],
@@ -33,6 +34,16 @@ def test_backend_is_registered_by_entry_point():
 def test_bad_options_are_rejected_with_the_valid_choices(options, message):
     with pytest.raises(OptionsError if "device" not in options else DeviceError, match=message):
         BackendOptions.from_mapping(options)
+
+
+def test_cudagraphs_option_turns_on_inductors_cudagraph_trees_only():
+    from dsv4_compile.lowering.backend import inductor_config_patches
+
+    assert inductor_config_patches(BackendOptions()) == {"emulate_precision_casts": True}
+    assert inductor_config_patches(BackendOptions(cudagraphs=True)) == {"emulate_precision_casts": True,
+                                                                        "triton.cudagraphs": True}
+    assert inductor_config_patches(BackendOptions(cudagraphs=True, exact_rounding=False)) == {
+        "triton.cudagraphs": True}
 
 
 def test_device_defaults_to_the_inputs_and_rejects_mixtures():

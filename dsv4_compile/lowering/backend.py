@@ -59,8 +59,12 @@ def inductor_config_patches(options: BackendOptions) -> dict[str, Any]:
     PyTorch rounds it (a lowering's explicit `.to(dtype)` included) instead of carrying it in fp32, and Triton
     kernels are built without FMA contraction, which can fuse a rounding away. Inductor's FX-graph cache key
     holds its config, so code compiled with and without it is never shared.
+    `cudagraphs`: Inductor's `triton.cudagraphs` (cudagraph trees).
     """
-    return {"emulate_precision_casts": True} if options.exact_rounding else {}
+    patches: dict[str, Any] = {"emulate_precision_casts": True} if options.exact_rounding else {}
+    if options.cudagraphs:
+        patches["triton.cudagraphs"] = True
+    return patches
 
 
 def resolve_device(requested: str | None, example_inputs: Sequence[Any]) -> torch.device:

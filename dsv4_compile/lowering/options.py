@@ -26,6 +26,9 @@ class BackendOptions:
               in Triton kernels, FMA contraction; no extra memory traffic. Inductor's C++ code for CPU keeps
               these roundings from torch 2.13 on. False: Inductor's config as it is (by default fused kernels
               carry such values in fp32 and skip those roundings).
+    cudagraphs: Inductor records the compiled graph as a CUDA graph (its cudagraph trees, what
+              `mode="reduce-overhead"` turns on for stock torch.compile) and replays it; applies to CUDA
+              targets, where Inductor falls back to plain launches for a graph it cannot record (and logs why).
     """
 
     device: str | None = None
@@ -34,12 +37,14 @@ class BackendOptions:
     inductor: bool = True
     dump_dir: str | None = None
     exact_rounding: bool = True
+    cudagraphs: bool = False
 
     def __post_init__(self) -> None:
         if self.device is not None:
             object.__setattr__(self, "device", str(parse_device(self.device)))
-        if not all(isinstance(getattr(self, name), bool) for name in ("strict", "inductor", "exact_rounding")):
-            raise OptionsError("options 'strict', 'inductor' and 'exact_rounding' must be bool")
+        flags = ("strict", "inductor", "exact_rounding", "cudagraphs")
+        if not all(isinstance(getattr(self, name), bool) for name in flags):
+            raise OptionsError(f"options {', '.join(map(repr, flags))} must be bool")
         if self.dump_dir is not None:
             if not isinstance(self.dump_dir, (str, os.PathLike)):
                 raise OptionsError(f"option 'dump_dir' must be a path, got {type(self.dump_dir).__name__}")

@@ -247,6 +247,27 @@ def _patch_missing_backend(stack: contextlib.ExitStack, device: torch.device) ->
     if not available or not has_triton_package():
         stack.enter_context(mock.patch.object(scheduler, "has_triton", lambda: True))
         stack.enter_context(mock.patch("torch.utils._triton.triton_hash_with_backend", lambda: "DSV4_CODEGEN_ONLY"))
+    if has_triton_package() and not available:
+        _patch_triton_target(stack)
+
+
+def _patch_triton_target(stack: contextlib.ExitStack) -> None:
+    """Where Triton is installed but no GPU is active, give it a driver that only names a target: tracing a
+    user Triton kernel (a `triton_op`) builds its TTIR to find which arguments it writes, and TTIR does not
+    depend on the target (without this, every argument counts as written and Inductor copies each one)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    if driver._active is not None or any(b.driver.is_active() for b in _triton_backends()):
+        return
+    target_only = types.SimpleNamespace(get_current_target=lambda: GPUTarget("cuda", 90, 32))
+    stack.enter_context(mock.patch.object(driver, "_active", target_only))
+
+
+def _triton_backends() -> list[Any]:
+    from triton.backends import backends
+
+    return list(backends.values())
 
 
 def _fake_properties(device_type: str) -> types.SimpleNamespace:

@@ -4,15 +4,66 @@ reads `x = sum_i pre_i h_i` and writes back `h'_j = post_j x' + sum_i comb_ij h_
 The weights come from one RMS-normalised projection of the flattened stream, split into `m` pre gates,
 `m` post gates and an `m x m` mixing matrix that Sinkhorn iterations make (nearly) doubly stochastic.
 All math in fp32; stream values are rounded back to the stream's dtype.
+
+Formulated for fusion: the collapse and the expansion are written as sums over the `m` streams (pointwise
+work Inductor fuses into one kernel; an einsum would become a batched matmul on an fp32 copy of the streams).
+On a Triton device the projection, gates, Sinkhorn and collapse run as two Triton kernels (mhc_triton.py)
+that Inductor inlines into its code; elsewhere the plain torch below.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
+import types
+from collections.abc import Iterable
+
 import torch
+from torch.utils._triton import has_triton_package
 
 from dsv4_compile.lowering.registry import native_lowering
 
 POST_MULTIPLIER = 2.0
+TRITON_DEVICES = ("cuda", "xpu")
+
+
+if has_triton_package():
+    from dsv4_compile.lowering.lowerings import mhc_triton as _triton_kernels
+else:
+    _triton_kernels = None
+
+
+def triton_kernels_for(residual: torch.Tensor, fn: torch.Tensor) -> types.ModuleType | None:
+    """The Triton kernel module when the mHC call on `residual [T, m, H]` can take it, else None: a Triton
+    device, Triton importable, `m` a power of two, float streams, a 2-D projection, at least one token."""
+    m = residual.shape[-2]
+    if residual.device.type not in TRITON_DEVICES or residual.dim() != 3 or fn.dim() != 2 or m & (m - 1):
+        return None
+    if residual.shape[0] == 0:  # nothing to launch
+        return None
+    if residual.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return None
+    return _triton_kernels
+
+
+def fused_gates_and_collapse(
+    kernels: types.ModuleType, source: torch.Tensor, residual: torch.Tensor, fn: torch.Tensor,
+    scale: torch.Tensor, base: torch.Tensor, *, rms_eps: float, pre_eps: float, sinkhorn_eps: float = 0.0,
+    post_multiplier: float = 1.0, sinkhorn_iters: int = 1, head: bool = False, carried: torch.Tensor | None = None,
+    stream0: bool = False, norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
+    stats_after_rounding: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(post, comb, pre, collapsed)` as `mixing_weights` + `collapse` (+ the optional fused RMSNorm) compute
+    them, gates projected from `source [T, K]`, through the Triton kernels."""
+    fn = fn.float().contiguous()
+    partials = torch.ops.dsv4_triton.mhc_project(source.contiguous(), fn)
+    mode = (kernels.COLLAPSE_STREAM0 if stream0 else kernels.COLLAPSE_WITH_CARRIED if carried is not None
+            else kernels.COLLAPSE_WITH_GATES)
+    return torch.ops.dsv4_triton.mhc_gates_collapse(
+        partials, fn.shape[0], source.shape[-1], scale.float().contiguous(), base.float().contiguous(),
+        residual.contiguous(), None if carried is None else carried.float().contiguous(),
+        None if norm_weight is None else norm_weight.contiguous(), residual.dtype, rms_eps, pre_eps, sinkhorn_eps,
+        post_multiplier, sinkhorn_iters, norm_eps, head, mode, stats_after_rounding)
 
 
 def mixing_weights(
@@ -35,14 +86,20 @@ def mixing_weights(
     return pre, post, comb
 
 
+def _sum_over_streams(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    return functools.reduce(operator.add, terms)
+
+
 def collapse(pre: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """`sum_i pre[:, i] h[:, i]`, in h's dtype."""
-    return torch.einsum("tm,tmh->th", pre, h.float()).to(h.dtype)
+    pre = pre.float()
+    return _sum_over_streams(pre[:, i, None] * h[:, i].float() for i in range(h.shape[1])).to(h.dtype)
 
 
 def expand(x: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """`out[:, j] = post[:, j] x + sum_i comb[:, i, j] h[:, i]`, in h's dtype."""
-    mixed = torch.einsum("tij,tih->tjh", comb.float(), h.float())
+    comb = comb.float()
+    mixed = _sum_over_streams(comb[:, i, :, None] * h[:, i, None, :].float() for i in range(h.shape[1]))
     return (mixed + post.float().unsqueeze(-1) * x.float().unsqueeze(-2)).to(h.dtype)
 
 
@@ -52,6 +109,12 @@ def mhc_pre_native(
     iters: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(x [T, H], post [T, m], comb [T, m, m])`; one eps for the pre gate and Sinkhorn, post multiplier 2."""
+    kernels = triton_kernels_for(h, fn)
+    if kernels is not None:
+        post, comb, _, x = fused_gates_and_collapse(
+            kernels, h.flatten(-2), h, fn, scale, base, rms_eps=rms_eps, pre_eps=hc_eps, sinkhorn_eps=hc_eps,
+            post_multiplier=POST_MULTIPLIER, sinkhorn_iters=iters)
+        return x, post, comb
     pre, post, comb = mixing_weights(h, fn, scale, base, rms_eps=rms_eps, pre_eps=hc_eps, sinkhorn_eps=hc_eps,
                                      post_multiplier=POST_MULTIPLIER, sinkhorn_iters=iters)
     return collapse(pre, h), post, comb
@@ -78,6 +141,10 @@ def hc_head_native(
     h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, rms_eps: float, hc_eps: float,
 ) -> torch.Tensor:
     """Collapse the stream before the final norm with `m` sigmoid gates (+eps): `[T, H]`."""
+    kernels = triton_kernels_for(h, fn)
+    if kernels is not None:
+        return fused_gates_and_collapse(kernels, h.flatten(-2), h, fn, scale, base, rms_eps=rms_eps,
+                                        pre_eps=hc_eps, head=True)[3]
     flat = h.flatten(-2).float()
     logits = (flat @ fn.float().t()) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + rms_eps)
     return collapse(torch.sigmoid(logits * scale.float() + base.float()) + hc_eps, h)

@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from dsv4_compile.lowering.lowerings.mhc import collapse, expand, mixing_weights
+from dsv4_compile.lowering.lowerings.mhc import (
+    collapse,
+    expand,
+    fused_gates_and_collapse,
+    mixing_weights,
+    triton_kernels_for,
+)
 from dsv4_compile.lowering.registry import native_lowering
 
 
@@ -106,6 +112,13 @@ def mhc_pre_tilelang_native(
     """`(post_mix [..., m, 1], comb_mix [..., m, m], layer_input [..., H])` for `residual [..., m, H]`."""
     outer, (m, hidden) = residual.shape[:-2], residual.shape[-2:]
     streams = residual.reshape(-1, m, hidden)
+    kernels = triton_kernels_for(streams, fn)
+    if kernels is not None:
+        post, comb, _, layer_input = fused_gates_and_collapse(
+            kernels, streams.flatten(-2), streams, fn, hc_scale, hc_base, rms_eps=rms_eps, pre_eps=hc_pre_eps,
+            sinkhorn_eps=hc_sinkhorn_eps, post_multiplier=hc_post_mult_value, sinkhorn_iters=max(sinkhorn_repeat, 1),
+            norm_weight=norm_weight, norm_eps=norm_eps)
+        return post.reshape(*outer, m, 1), comb.reshape(*outer, m, m), layer_input.reshape(*outer, hidden)
     pre, post, comb = _gates(streams, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
                              hc_post_mult_value, sinkhorn_repeat)
     layer_input = _layer_input(collapse(pre, streams.float()), residual.dtype, norm_weight, norm_eps,
@@ -147,6 +160,10 @@ def hc_head_fused_kernel_tilelang_native(
     hc_eps: float,
 ) -> torch.Tensor:
     """`[T, H]`: the streams collapsed with `m` gates `sigmoid(rms-normed projection * scale + base) + hc_eps`."""
+    kernels = triton_kernels_for(hs_flat, fn)
+    if kernels is not None:
+        return fused_gates_and_collapse(kernels, hs_flat.flatten(-2), hs_flat, fn, hc_scale, hc_base,
+                                        rms_eps=rms_eps, pre_eps=hc_eps, head=True)[3]
     flat = hs_flat.flatten(-2).float()
     logits = (flat @ fn.float().t()) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + rms_eps)
     gates = torch.sigmoid(logits * hc_scale.float() + hc_base.float()) + hc_eps
@@ -165,12 +182,24 @@ def mhc_pre_delayed_tilelang_native(
     The gates come from projecting `x` (`[T, K]`, K = fn's width) when given, else the flattened streams;
     the layer input collapses `residual [T, m, H]` with the carried `pre_mix`, or is stream 0 without it.
     """
+    m, hidden = residual.shape[-2:]
+    streams = residual.reshape(-1, m, hidden)
+    kernels = triton_kernels_for(streams, fn)
+    if kernels is not None:
+        source = streams.flatten(-2) if x is None else x.reshape(-1, x.shape[-1])
+        post, comb, next_pre, layer_input = fused_gates_and_collapse(
+            kernels, source, streams, fn, hc_scale, hc_base, rms_eps=rms_eps, pre_eps=hc_pre_eps,
+            sinkhorn_eps=hc_sinkhorn_eps, post_multiplier=hc_post_mult_value, sinkhorn_iters=max(sinkhorn_repeat, 1),
+            carried=None if pre_mix is None else pre_mix.reshape(-1, m), stream0=pre_mix is None,
+            norm_weight=norm_weight, norm_eps=norm_eps, stats_after_rounding=True)
+        outer = residual.shape[:-2]
+        return (post.reshape(*outer, m, 1), comb.reshape(*outer, m, m), layer_input.reshape(*outer, hidden),
+                next_pre.reshape(*outer, m))
     next_pre, post, comb = _gates(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
                                   hc_post_mult_value, sinkhorn_repeat, projected=x)
     if pre_mix is None:
         collapsed = residual[..., 0, :].float()
     else:
-        m, hidden = residual.shape[-2:]
         collapsed = collapse(pre_mix.float().reshape(-1, m), residual.float().reshape(-1, m, hidden))
         collapsed = collapsed.reshape(*residual.shape[:-2], hidden)
     layer_input = _layer_input(collapsed, residual.dtype, norm_weight, norm_eps, stats_after_rounding=True)
