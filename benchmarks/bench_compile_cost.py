@@ -68,7 +68,7 @@ def main() -> None:
     rows = [measure(n, n in INDUCTOR_LAYERS) for n in LAYERS]
     print_table(rows, ["layers", "nodes", "dynamo_s", "pipeline_s", "inductor_s", "total_s", "pipeline_share_pct",
                        "pipeline_share_of_dynamo_pct"])
-    write_results("compile_cost", "python benchmarks/bench_compile_cost.py", rows)
+    write_results("compile_cost", rows)
     plot("compile_cost", rows, "layers", ["dynamo_s", "pipeline_s"], ylabel="seconds", logx=False)
 
 

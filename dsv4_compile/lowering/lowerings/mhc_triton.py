@@ -20,7 +20,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-BLOCK_T, BLOCK_K, K_PER_SPLIT, BLOCK_H = 32, 128, 1024, 1024
+# (BLOCK_T, K_PER_SPLIT, BLOCK_K, num_warps) of the projection for a few tokens (more, shorter splits: more
+# programs) and for many, and the gates kernel's (BLOCK_H, num_warps): the fastest of a sweep on an H200
+# (benchmarks/results/mhc_sweep.txt).
+PROJECT_FEW_TOKENS, PROJECT_MANY_TOKENS, FEW_TOKENS = (64, 512, 64, 4), (128, 2048, 64, 8), 64
+BLOCK_H, GATES_WARPS = 2048, 8
 COLLAPSE_WITH_GATES, COLLAPSE_WITH_CARRIED, COLLAPSE_STREAM0 = 0, 1, 2
 
 
@@ -144,17 +148,20 @@ def _interpreting() -> bool:
 @triton_op("dsv4_triton::mhc_project", mutates_args=())
 def mhc_project(source: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
     """Split-K partials `[S, T, NP]` of `source [T, K] @ fn[N, K].T` (columns `:N`) and of the rows' sums of
-    squares (column `N`); `S = ceil(K / K_PER_SPLIT)`, `NP` the next power of two above `N`."""
+    squares (column `N`); `S` splits of K, `NP` the next power of two above `N`."""
     tokens, k = source.shape
     n = fn.shape[0]
+    few = isinstance(tokens, int) and tokens <= FEW_TOKENS  # a symbolic count takes the many-token config
+    block_t, k_per_split, block_k, warps = PROJECT_FEW_TOKENS if few else PROJECT_MANY_TOKENS
     padded = max(16, triton.next_power_of_2(n + 1))
-    splits = triton.cdiv(k, K_PER_SPLIT)
-    block_k = min(BLOCK_K, max(16, triton.next_power_of_2(k)))
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    k_per_split = max(k_per_split, block_k)
+    splits = triton.cdiv(k, k_per_split)
     partials = torch.empty((splits, tokens, padded), dtype=torch.float32, device=source.device)
-    wrap_triton(_project_kernel)[(triton.cdiv(tokens, BLOCK_T), splits)](
-        source, fn, partials, tokens, k, source.stride(0), N=n, NP=padded, K_SPLIT=max(K_PER_SPLIT, block_k),
-        BLOCK_T=BLOCK_T, BLOCK_K=block_k, SPLIT_FN_BF16=source.dtype == torch.bfloat16,
-        DOT_IN_FP32=_interpreting(), num_warps=4)
+    wrap_triton(_project_kernel)[(triton.cdiv(tokens, block_t), splits)](
+        source, fn, partials, tokens, k, source.stride(0), N=n, NP=padded, K_SPLIT=k_per_split,
+        BLOCK_T=block_t, BLOCK_K=block_k, SPLIT_FN_BF16=source.dtype == torch.bfloat16,
+        DOT_IN_FP32=_interpreting(), num_warps=warps)
     return partials
 
 
@@ -180,5 +187,6 @@ def mhc_gates_collapse(
         hc_scale if norm_weight is None else norm_weight, post, comb, gates, out,
         tokens, hidden, residual.stride(0), residual.stride(1), 1.0 / k, rms_eps, pre_eps, sinkhorn_eps, post_mult,
         iters, norm_eps, M=m, N=n, NP=padded, S=splits, SP=triton.next_power_of_2(splits), BLOCK_H=BLOCK_H,
-        HEAD=head, COLLAPSE=collapse, NORM=norm_weight is not None, STATS_ROUNDED=stats_rounded, num_warps=4)
+        HEAD=head, COLLAPSE=collapse, NORM=norm_weight is not None, STATS_ROUNDED=stats_rounded,
+        num_warps=GATES_WARPS)
     return post, comb, gates, out
