@@ -18,6 +18,7 @@ from dsv4_compile.errors import DeviceError, Dsv4CompileError
 from dsv4_compile.lowering.aliased_inputs import merge_mixed_dtype_aliases
 from dsv4_compile.lowering.devices import device_available, input_devices, parse_device
 from dsv4_compile.lowering.options import BackendOptions
+from dsv4_compile.lowering.passes.narrow_matmuls import NarrowWidenedMatmuls
 from dsv4_compile.lowering.pipeline import run_pipeline
 from dsv4_compile.tools.diff import DiffRecorder
 
@@ -45,14 +46,14 @@ def dsv4_xpu(
     from torch._inductor.compile_fx import compile_fx
 
     def inductor(graph: torch.fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
-        return compile_fx(graph, inputs, config_patches=inductor_config_patches(opts))
+        return compile_fx(graph, inputs, config_patches=inductor_config_patches(opts, device.type))
 
     # AOTAutograd rejects mutated inputs that view one storage in different dtypes (vLLM's KV-cache buffer).
     merged = merge_mixed_dtype_aliases(gm, example_inputs, inductor)
     return merged if merged is not None else inductor(gm, list(example_inputs))
 
 
-def inductor_config_patches(options: BackendOptions) -> dict[str, Any]:
+def inductor_config_patches(options: BackendOptions, device_type: str | None = None) -> dict[str, Any]:
     """The Inductor config this backend compiles a rewritten graph under.
 
     `exact_rounding`: `emulate_precision_casts`, so a fused kernel rounds each fp16/bf16 result where eager
@@ -60,10 +61,13 @@ def inductor_config_patches(options: BackendOptions) -> dict[str, Any]:
     kernels are built without FMA contraction, which can fuse a rounding away. Inductor's FX-graph cache key
     holds its config, so code compiled with and without it is never shared.
     `cudagraphs`: Inductor's `triton.cudagraphs` (cudagraph trees).
+    With a `device_type`: the `narrow_matmuls` post-grad pass (passes/narrow_matmuls.py) for that target.
     """
     patches: dict[str, Any] = {"emulate_precision_casts": True} if options.exact_rounding else {}
     if options.cudagraphs:
         patches["triton.cudagraphs"] = True
+    if device_type is not None:
+        patches["post_grad_custom_pre_pass"] = NarrowWidenedMatmuls(device_type)
     return patches
 
 

@@ -140,7 +140,7 @@ def codegen(
         gm = capture(model_or_gm, *inputs)
         example = example_inputs(gm)
     rewritten, report = rewrite(gm, target, strict=strict, disable=disable, name=f"codegen for {target.type}")
-    patches = inductor_config_patches(BackendOptions(exact_rounding=exact_rounding))
+    patches = inductor_config_patches(BackendOptions(exact_rounding=exact_rounding), target.type)
     with torch._inductor.config.patch(patches):
         wrapper, aten_graph = _lower(rewritten, example, target)
     findings = tuple(find_cuda_only_code(wrapper, target.type))

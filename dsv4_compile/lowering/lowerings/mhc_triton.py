@@ -23,7 +23,8 @@ from torch.library import triton_op, wrap_triton
 # (BLOCK_T, K_PER_SPLIT, BLOCK_K, num_warps) of the projection for a few tokens (more, shorter splits: more
 # programs) and for many, and the gates kernel's (BLOCK_H, num_warps): the fastest of a sweep on an H200
 # (benchmarks/results/mhc_sweep.txt).
-PROJECT_FEW_TOKENS, PROJECT_MANY_TOKENS, FEW_TOKENS = (64, 512, 64, 4), (128, 2048, 64, 8), 64
+# A symbolic token count takes the many-token config, chosen to stay close to the best at every size.
+PROJECT_FEW_TOKENS, PROJECT_MANY_TOKENS, FEW_TOKENS = (64, 512, 64, 4), (128, 512, 64, 4), 64
 BLOCK_H, GATES_WARPS = 2048, 8
 COLLAPSE_WITH_GATES, COLLAPSE_WITH_CARRIED, COLLAPSE_STREAM0 = 0, 1, 2
 
@@ -151,7 +152,7 @@ def mhc_project(source: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
     squares (column `N`); `S` splits of K, `NP` the next power of two above `N`."""
     tokens, k = source.shape
     n = fn.shape[0]
-    few = isinstance(tokens, int) and tokens <= FEW_TOKENS  # a symbolic count takes the many-token config
+    few = isinstance(tokens, int) and tokens <= FEW_TOKENS
     block_t, k_per_split, block_k, warps = PROJECT_FEW_TOKENS if few else PROJECT_MANY_TOKENS
     padded = max(16, triton.next_power_of_2(n + 1))
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
