@@ -14,7 +14,11 @@ VLLM_REQS := requirements/vllm-cpu.txt
 TRITON_PIN ?= triton==3.7.1
 TVENV      := .venv-triton
 
-.PHONY: demo test test-vllm test-triton lint gpu-test clean
+# Intel's Triton (imports as `triton`, so a venv of its own) with CPU torch: compiles the generated XPU kernels.
+TRITON_XPU_PIN ?= triton-xpu==3.3.0b1
+XVENV          := .venv-triton-xpu
+
+.PHONY: demo test test-vllm test-triton test-triton-xpu lint gpu-test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -33,6 +37,7 @@ test: $(BIN)/.vllm-installed lint
 	$(BIN)/python -m pytest -q --ignore=tests/vllm_real
 	$(MAKE) test-vllm
 	$(MAKE) test-triton
+	$(MAKE) test-triton-xpu
 
 # Its own process: importing vLLM sets environment variables, widens Inductor's fallback allow-list and
 # registers its ops. CI=true: a vLLM that does not import fails the run instead of skipping.
@@ -44,15 +49,27 @@ lint: $(BIN)/.installed
 
 $(TVENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TVENV)
-	$(TVENV)/bin/pip install -q "$(TORCH_PIN)" "$(TRITON_PIN)"
+	$(TVENV)/bin/pip install -q "$(TORCH_PIN)" "$(TRITON_PIN)" numpy
 	$(TVENV)/bin/pip install -q -e ".[test]"
 	touch $@
 
 test-triton: $(TVENV)/.installed
-	$(TVENV)/bin/python -m pytest -q tests/test_codegen.py tests/test_codegen_with_triton.py tests/test_pdl_spellings.py
+	$(TVENV)/bin/python -m pytest -q tests/test_codegen.py tests/test_codegen_with_triton.py tests/test_pdl_spellings.py \
+		tests/test_codegen_mhc_kernels.py
+	TRITON_INTERPRET=1 $(TVENV)/bin/python -m pytest -q tests/lowerings/test_mhc_triton_interpreted.py
+
+$(XVENV)/.installed:
+	$(PYTHON) -m venv $(XVENV)
+	$(XVENV)/bin/pip install -q "$(TORCH_PIN)"
+	$(XVENV)/bin/pip install -q --pre "$(TRITON_XPU_PIN)"
+	touch $@
+
+# Generated in $(TVENV) (current Triton conventions), compiled in $(XVENV). CI=true: a missing $(XVENV) fails.
+test-triton-xpu: $(TVENV)/.installed $(XVENV)/.installed
+	CI=true DSV4_TRITON_XPU_PYTHON=$(XVENV)/bin/python $(TVENV)/bin/python -m pytest -q tests/test_xpu_compile.py
 
 gpu-test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m gpu
 
 clean:
-	rm -rf $(VENV) $(TVENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TVENV) $(XVENV) .pytest_cache .ruff_cache

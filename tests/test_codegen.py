@@ -99,6 +99,8 @@ def test_code_still_calling_cuda_only_things_is_rejected():
     ("    torch.ops.streams.fork.default(0, 1)", "stream op"),
     ("    buf0 = empty_strided_cuda((4, ), (1, ), torch.float32)", "CUDA allocation"),
     ("''', device_str='cuda')", "cuda device"),
+    ("    y = tl.inline_asm_elementwise(asm='cvt.rn.bf16x2.f32 $0, $2, $1;', constraints='=r,r,r', args=[a, b],",
+     "inline assembly (PTX)"),
 ])
 def test_cuda_only_patterns(line, why):
     assert [f.why for f in find_cuda_only_code(line)] == [why]

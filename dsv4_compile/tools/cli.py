@@ -13,7 +13,9 @@ SUBJECT_NOTE = (
     "The subject is the CUDA-oriented DeepSeek-V4 model (CudaDeepseekV4.forward_static over a StaticCache): "
     "'tiny' is DeepseekV4Config.tiny() (every layer kind); 'flash' keeps Flash's real widths but is shrunk to "
     "2 layers (compress ratios 4 and 128), 4 routed experts and a 1024-token vocabulary so that it builds on "
-    "a laptop. Mode 'prefill' feeds 16 tokens of one sequence, 'decode' one token for each of 2 sequences."
+    "a laptop; 'flash_layer' is one Flash-shaped layer (compress ratio 4, 8 routed experts, 6 per token) with "
+    "a 1024-token vocabulary. Mode 'prefill' feeds 16 tokens of one sequence, 'decode' one token for each of 2 "
+    "sequences."
 )
 
 
@@ -31,6 +33,9 @@ def _config(name: str) -> Any:
 
     if name == "tiny":
         return DeepseekV4Config.tiny()
+    if name == "flash_layer":
+        return DeepseekV4Config.flash().with_(num_hidden_layers=1, compress_ratios=[4], n_routed_experts=8,
+                                              num_experts_per_tok=6, num_hash_layers=0, vocab_size=1024)
     return DeepseekV4Config.flash().with_(num_hidden_layers=2, compress_ratios=[4, 128], n_routed_experts=4,
                                           num_experts_per_tok=2, vocab_size=1024, num_hash_layers=0)
 
@@ -100,9 +105,13 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_codegen(args: argparse.Namespace) -> int:
+    from dsv4_compile.errors import OptionsError
     from dsv4_compile.tools.codegen import codegen
     from dsv4_compile.tools.render import codegen_summary, report_table
 
+    compile_kernels = args.compile or bool(args.arch)
+    if compile_kernels and args.device != "xpu":
+        raise OptionsError("--compile and --arch compile XPU kernels with Intel's Triton: use --device xpu")
     console = _console()
     subject = _subject(args.config, args.mode)
     result = codegen(subject.model, subject.inputs, device=args.device)
@@ -110,14 +119,31 @@ def _cmd_codegen(args: argparse.Namespace) -> int:
     console.print(report_table(result.report))
     console.print(codegen_summary(result))
     console.print(f"wrote {len(files)} files to {args.out} (wrapper.py, kernels/, graph.py, aten_graph.py, report.txt)")
-    return 0
+    return _compile_xpu(result, args, console) if compile_kernels else 0
+
+
+def _compile_xpu(result: Any, args: argparse.Namespace, console: Any) -> int:
+    """Compile the generated kernels with Intel's Triton; the table, then each failure with its message."""
+    from rich.text import Text
+
+    from dsv4_compile.tools.render import xpu_compile_table
+    from dsv4_compile.tools.xpu_compile import XpuCompileError, compile_xpu_kernels
+
+    report = compile_xpu_kernels(result, archs=args.arch, python=args.xpu_python, jobs=args.jobs,
+                                 device_asserts=not args.no_device_asserts, check=False)
+    console.print(xpu_compile_table(report))
+    if report.ok:
+        return 0
+    console.print(Text.assemble(("error: ", "bold red"), str(XpuCompileError(report))))
+    return 1
 
 
 def _subject_parser(sub: argparse._SubParsersAction, name: str, *, help: str,  # noqa: A002 - argparse's name
                     description: str) -> argparse.ArgumentParser:
     """A subcommand that captures the CUDA-oriented subject: --config and --mode."""
     parser = sub.add_parser(name, help=help, description=f"{description} {SUBJECT_NOTE}")
-    parser.add_argument("--config", choices=("tiny", "flash"), default="tiny", help="model config (default: tiny)")
+    parser.add_argument("--config", choices=("tiny", "flash", "flash_layer"), default="tiny",
+                        help="model config (default: tiny)")
     parser.add_argument("--mode", choices=("prefill", "decode"), default="prefill", help="default: prefill")
     return parser
 
@@ -147,6 +173,15 @@ def _parser() -> argparse.ArgumentParser:
                           "and write the code Inductor generates (wrapper + Triton kernels), without the device.")
     gen.add_argument("--device", choices=("xpu", "cuda"), default="xpu", help="default: xpu")
     gen.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    gen.add_argument("--compile", action="store_true", help="compile every config of every XPU kernel to SPIR-V "
+                     "with Intel's Triton (no GPU needed); exits 1 naming each kernel that fails")
+    gen.add_argument("--arch", action="append", default=[], metavar="ARCH", help="also compile to a native binary "
+                     "for this Intel GPU architecture with ocloc, e.g. pvc, acm-g10 (repeatable; implies --compile)")
+    gen.add_argument("--xpu-python", default=None, metavar="PYTHON", help="interpreter of the environment holding "
+                     "triton-xpu (default: $DSV4_TRITON_XPU_PYTHON, else .venv-triton-xpu/bin/python)")
+    gen.add_argument("--jobs", type=int, default=2, help="compile processes (default: 2)")
+    gen.add_argument("--no-device-asserts", action="store_true", help="compile without Inductor's "
+                     "indirect-indexing device asserts (Debian's 2022 ocloc aborts on them)")
     gen.set_defaults(run=_cmd_codegen)
     return parser
 

@@ -46,6 +46,8 @@ CUDA_ONLY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("programmatic dependent launch", re.compile(r"['\"]?launch_pdl['\"]?\s*[:=]\s*True")),
     ("GDC (PDL) in a kernel", re.compile(r"['\"]?USE_GDC['\"]?\s*[:=]\s*True")),
     ("stream op", re.compile(r"torch\.ops\.streams\.\w+|(?<![\w.])streams\.\w+")),
+    # neither Triton's Intel backend nor its SPIR-V stage rejects PTX text in a kernel
+    ("inline assembly (PTX)", re.compile(r"\binline_asm_elementwise\(")),
 )
 
 _OP_CALL = re.compile(r"torch\.ops\.(\w+)\.(\w+)")

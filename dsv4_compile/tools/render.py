@@ -13,6 +13,7 @@ from dsv4_compile.lowering.registry import families
 from dsv4_compile.lowering.report import RewriteReport
 from dsv4_compile.tools.codegen import CodegenResult
 from dsv4_compile.tools.diff import PassDiff
+from dsv4_compile.tools.xpu_compile import XpuCompileReport
 
 
 def passes_table(passes: tuple[PassSpec, ...]) -> Table:
@@ -62,4 +63,21 @@ def codegen_summary(result: CodegenResult) -> Table:
     table.add_column("lines", justify="right")
     for name, source in result.kernels.items():
         table.add_row(name, str(len(source.splitlines())))
+    return table
+
+
+def xpu_compile_table(report: XpuCompileReport) -> Table:
+    """Per kernel: Inductor's or user-defined, configs compiled, the stage all reached, seconds, the error."""
+    tool = report.toolchain
+    failed = len(report.failures)
+    table = Table(title=f"Intel Triton {tool.get('triton', '?')} (torch {tool.get('torch', '?')}), no GPU: "
+                        f"{len(report.results)} XPU kernel(s), {report.config_count} config(s), "
+                        f"{failed} failed, {report.seconds:.1f} s")
+    for name, justify in (("kernel", "left"), ("kind", "left"), ("configs", "right"), ("stage reached", "left"),
+                          ("s", "right"), ("error", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in sorted(report.results, key=lambda r: (r.ok, r.kernel)):
+        table.add_row(r.kernel, "user" if r.custom else "inductor", f"{r.compiled}/{r.configs}", r.stage,
+                      f"{r.seconds:.2f}", "" if r.ok else f"in {r.failed_in}: {(r.error or '').splitlines()[0][:80]}",
+                      style=None if r.ok else "red")
     return table
