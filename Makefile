@@ -18,7 +18,7 @@ TVENV      := .venv-triton
 TRITON_XPU_PIN ?= triton-xpu==3.3.0b1
 XVENV          := .venv-triton-xpu
 
-.PHONY: demo test test-vllm test-triton test-triton-xpu lint gpu-test clean
+.PHONY: demo test test-cpu-lane test-triton-lane test-vllm test-triton test-triton-xpu lint gpu-test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -33,9 +33,16 @@ $(BIN)/.vllm-installed: $(BIN)/.installed $(VLLM_REQS)
 	$(BIN)/pip install -q --no-deps -r $(VLLM_REQS)
 	touch $@
 
+# Two lanes side by side on CI's two cores (each tier's output kept together): the CPU suites (the main one,
+# then vLLM's) and the Triton ones (codegen with Triton installed, then the XPU kernels compiled by Intel's).
 test: $(BIN)/.vllm-installed lint
+	$(MAKE) -j2 --output-sync=target test-cpu-lane test-triton-lane
+
+test-cpu-lane: $(BIN)/.vllm-installed
 	$(BIN)/python -m pytest -q --ignore=tests/vllm_real
 	$(MAKE) test-vllm
+
+test-triton-lane:
 	$(MAKE) test-triton
 	$(MAKE) test-triton-xpu
 
