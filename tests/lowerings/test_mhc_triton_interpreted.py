@@ -73,3 +73,10 @@ def test_the_kernels_take_the_pre_and_its_projection_on_cpu_here():
     flat = h.flatten(1).double()
     expected = torch.cat([flat @ fn.double().T, flat.square().sum(-1, keepdim=True)], -1)
     torch.testing.assert_close(partials.sum(0)[:, :25].double(), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_a_projection_of_the_wrong_width_is_refused_not_read_past():
+    h = torch.randn(3, 4, 64, dtype=torch.bfloat16)
+    fn, scale, base = torch.randn(24, 200), torch.rand(3), torch.randn(24)
+    with pytest.raises(ValueError, match=r"fn has shape \(24, 200\): its width must be the projected rows' 256"):
+        mhc.mhc_pre_native(h, fn, scale, base, 1e-6, 1e-6, 20)

@@ -55,6 +55,8 @@ def fused_gates_and_collapse(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(post, comb, pre, collapsed)` as `mixing_weights` + `collapse` (+ the optional fused RMSNorm) compute
     them, gates projected from `source [T, K]`, through the Triton kernels."""
+    if fn.shape[-1] != source.shape[-1]:  # the plain path's matmul would refuse it; the kernels would read past fn
+        raise ValueError(f"fn has shape {tuple(fn.shape)}: its width must be the projected rows' {source.shape[-1]}")
     fn = fn.float().contiguous()
     partials = torch.ops.dsv4_triton.mhc_project(source.contiguous(), fn)
     mode = (kernels.COLLAPSE_STREAM0 if stream0 else kernels.COLLAPSE_WITH_CARRIED if carried is not None
