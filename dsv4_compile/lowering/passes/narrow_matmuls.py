@@ -24,6 +24,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.utils import _pytree as pytree
 
 from dsv4_compile.lowering.passes.audit import has_kernel_for
+from dsv4_compile.lowering.passes.base import example_value
 
 log = logging.getLogger(__name__)
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -43,10 +44,6 @@ def _narrow_overload(target: object) -> torch._ops.OpOverload | None:
     return getattr(packet, "dtype", None) if packet is not None else None
 
 
-def _val(node: object) -> object:
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
-
-
 def _widened_source(node: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
     """(the narrow tensor, the view-like ops from it to `node`) when `node` is a widened narrow tensor."""
     chain = []
@@ -62,7 +59,7 @@ def _widened_source(node: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.N
     else:
         return None
     source = node.args[0]
-    value = _val(source)
+    value = example_value(source)
     if not to_fp32 or not isinstance(value, torch.Tensor) or value.dtype not in NARROW_DTYPES:
         return None
     return source, chain[::-1]
@@ -74,7 +71,7 @@ def _replay(graph: torch.fx.Graph, source: torch.fx.Node, chain: list[torch.fx.N
     for op in chain:
         args = (current, *op.args[1:])
         current = graph.call_function(op.target, args, dict(op.kwargs))
-        vals = pytree.tree_map(_val, (args, dict(op.kwargs)))
+        vals = pytree.tree_map(example_value, (args, dict(op.kwargs)))
         current.meta["val"] = op.target(*vals[0], **vals[1])
     return current
 
@@ -89,7 +86,7 @@ def narrow_widened_matmuls(graph: torch.fx.Graph, device_type: str) -> int:
         if narrow is None or not has_kernel_for(narrow, device_type):
             continue
         operands = [_widened_source(arg) for arg in node.args[:2]]
-        if None in operands or _val(operands[0][0]).dtype != _val(operands[1][0]).dtype:
+        if None in operands or example_value(operands[0][0]).dtype != example_value(operands[1][0]).dtype:
             continue
         with graph.inserting_before(node):
             a, b = (_replay(graph, source, chain) for source, chain in operands)
