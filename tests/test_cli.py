@@ -32,6 +32,7 @@ def test_passes(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in pass_names())
     assert "activation" in out and "_C::silu_and_mul_with_clamp" in out and "dsv4_cuda::mhc_pre" in out
+    assert "narrow_matmuls" in out and "inside Inductor" in out
 
 
 def test_diff_shows_every_pass_that_changed(capsys):

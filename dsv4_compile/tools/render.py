@@ -8,6 +8,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
+from dsv4_compile.lowering.passes.narrow_matmuls import SUMMARY as NARROW_MATMULS_SUMMARY
 from dsv4_compile.lowering.pipeline import PassSpec
 from dsv4_compile.lowering.registry import families
 from dsv4_compile.lowering.report import RewriteReport
@@ -27,6 +28,8 @@ def passes_table(passes: tuple[PassSpec, ...]) -> Table:
         if spec.name == "lower_ops":
             for family, ops in families().items():
                 table.add_row("", f"  {family}", ", ".join(ops), style="dim")
+    table.add_section()
+    table.add_row(str(len(passes) + 1), "narrow_matmuls", NARROW_MATMULS_SUMMARY)
     return table
 
 

@@ -29,6 +29,8 @@ from dsv4_compile.lowering.passes.base import example_value
 log = logging.getLogger(__name__)
 aten, prims = torch.ops.aten, torch.ops.prims
 
+SUMMARY = ("(inside Inductor, post-grad) fp32 mm/bmm of bf16/fp16 values widened to fp32 -> the narrow matmul "
+           "with an fp32 result (exact products), where the target has aten::mm.dtype / bmm.dtype")
 NARROW_DTYPES = (torch.bfloat16, torch.float16)
 VIEW_LIKE = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default, aten.t.default,
