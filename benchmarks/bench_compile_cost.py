@@ -1,6 +1,6 @@
 """Compile cost: the rewrite pipeline's time against graph size, and its share of total compile time.
 
-    python benchmarks/bench_compile_cost.py  (CPU is fine; writes results/compile_cost.json and .png)
+    python -m benchmarks.bench_compile_cost  (CPU is fine; writes results/compile_cost.json and .png)
 
 The CUDA-oriented DeepSeek-V4 prefill graph at tiny() widths with 1, 4, 16 and 43 layers. Every size gets
 Dynamo's trace and the rewrite pipeline; Inductor (C++ on CPU) runs for the sizes in INDUCTOR_LAYERS only,
