@@ -55,8 +55,7 @@ def kernels_on_cpu(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureReque
 
     monkeypatch.setattr(mhc, "TRITON_DEVICES", ("cpu",))
     monkeypatch.setattr(mhc, "fused_gates_and_collapse", counted)
-    for module in ("dsv4_compile.lowering.lowerings.mhc_vllm",):
-        monkeypatch.setattr(f"{module}.fused_gates_and_collapse", counted)
+    monkeypatch.setattr("dsv4_compile.lowering.lowerings.mhc_vllm.fused_gates_and_collapse", counted)
     yield
     params = getattr(request.node, "callspec", None)
     tokens = params.params.get("t", params.params.get("shape", 1)) if params else 1
