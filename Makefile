@@ -18,7 +18,7 @@ TVENV      := .venv-triton
 TRITON_XPU_PIN ?= triton-xpu==3.3.0b1
 XVENV          := .venv-triton-xpu
 
-.PHONY: demo test test-cpu-lane test-triton-lane test-vllm test-triton test-triton-xpu lint gpu-test clean
+.PHONY: demo demo-replica test test-cpu-lane test-triton-lane test-vllm test-engine test-triton test-triton-xpu lint gpu-test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -26,7 +26,12 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-demo: $(BIN)/.installed
+# The main job: vLLM's engine serving DeepSeek-V4 on CPU, its NVIDIA model through dsv4_xpu beside vLLM's CPU port.
+demo: $(BIN)/.vllm-installed
+	$(BIN)/dsv4-compile vllm-demo
+
+# The replica (dsv4_compile/models/deepseek_v4) compiled on the local device, checked against its oracle.
+demo-replica: $(BIN)/.installed
 	$(BIN)/dsv4-compile demo
 
 $(BIN)/.vllm-installed: $(BIN)/.installed $(VLLM_REQS)
@@ -45,11 +50,17 @@ test-cpu-lane: $(BIN)/.vllm-installed
 test-triton-lane:
 	$(MAKE) test-triton
 	$(MAKE) test-triton-xpu
+	$(MAKE) test-engine
 
 # Its own process: importing vLLM sets environment variables, widens Inductor's fallback allow-list and
 # registers its ops. CI=true: a vLLM that does not import fails the run instead of skipping.
 test-vllm: $(BIN)/.vllm-installed
-	CI=true $(BIN)/python -m pytest -q tests/vllm_real
+	CI=true $(BIN)/python -m pytest -q tests/vllm_real -m "not slow and not engine"
+
+# vLLM's engine serving the whole tiny model on both paths (tests/vllm_real/test_vllm_engine.py): each engine is a
+# process of its own that compiles the model.
+test-engine: $(BIN)/.vllm-installed
+	CI=true $(BIN)/python -m pytest -q tests/vllm_real -m engine
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -15,7 +15,7 @@ import contextlib
 import functools
 import importlib
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -31,7 +31,7 @@ OP_BACKED_WRAPPERS: dict[str, tuple[str, ...]] = {
 # target, and optionally `NO_TRITON_SUBSTITUTES`, for targets without Triton (CPU): there vLLM's Triton entry
 # points become plain torch; on a Triton target (XPU) its Triton kernels compile as they are.
 SUBSTITUTE_MODULES = ("vllm_mhc_substitutes", "vllm_attention", "vllm_o_proj", "vllm_triton_attention",
-                      "vllm_triton_compressor")
+                      "vllm_triton_compressor", "vllm_workspace")
 
 
 def vllm_substitutes(target: torch.device | None = None) -> dict[str, Callable[..., object]]:
@@ -54,8 +54,22 @@ def _substitutes(has_triton: bool) -> dict[str, Callable[..., object]]:
         module = importlib.import_module(f"dsv4_compile.frontend.ops.{name}")
         table.update(getattr(module, "SUBSTITUTES", {}))
         if not has_triton:
-            table.update(getattr(module, "NO_TRITON_SUBSTITUTES", {}))
+            plain = getattr(module, "NO_TRITON_SUBSTITUTES", {})
+            table.update(plain)
+            _not_as_frames(plain.values())
     return table
+
+
+def _not_as_frames(functions: Iterable[object]) -> None:
+    """The plain-torch stand-ins run as they are when eager code between graph breaks calls them; compiled as
+    frames of their own (with dynamic shapes, their buffers' sizes unrelated symbols) they would only cost
+    compiles, and some fail to trace (a broadcast of two sizes Dynamo cannot prove equal). Traced code still
+    inlines them: frame strategies do not apply to inlining."""
+    skip_code = getattr(importlib.import_module("torch._dynamo.eval_frame"), "skip_code", None)
+    for function in functions:
+        code = getattr(function, "__code__", None)
+        if skip_code is not None and code is not None:
+            skip_code(code)
 
 
 def _op_packet(namespace: str, name: str) -> Callable[..., object]:

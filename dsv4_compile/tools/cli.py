@@ -72,6 +72,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.device)
 
 
+def _cmd_vllm_demo(args: argparse.Namespace) -> int:
+    from dsv4_compile.tools.vllm_demo import run_vllm_demo
+
+    return run_vllm_demo(args.max_tokens, args.model_dir)
+
+
 def _cmd_passes(args: argparse.Namespace) -> int:
     from dsv4_compile.lowering.pipeline import PASSES
     from dsv4_compile.tools.render import passes_table
@@ -156,6 +162,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="compile the tiny CUDA-oriented DeepSeek-V4 on the local device; check parity")
     demo.add_argument("--device", default=None, help="target device (default: cuda/xpu if present, else cpu)")
     demo.set_defaults(run=_cmd_demo)
+    vllm_demo = sub.add_parser("vllm-demo", help="vLLM's engine serving a tiny DeepSeek-V4 on CPU: its NVIDIA model "
+                               "through dsv4_xpu next to vLLM's CPU port (needs vLLM's CPU build)")
+    vllm_demo.add_argument("--max-tokens", type=int, default=8, help="greedy tokens per prompt (default: 8)")
+    vllm_demo.add_argument("--model-dir", default=None, help="where to write the checkpoint (default: a temp dir)")
+    vllm_demo.set_defaults(run=_cmd_vllm_demo)
     passes = sub.add_parser("passes", help="list the rewrite passes in pipeline order")
     passes.set_defaults(run=_cmd_passes)
 

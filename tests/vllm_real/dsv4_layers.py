@@ -5,14 +5,14 @@ NVIDIA path (`vllm.models.deepseek_v4.nvidia.model`). Everything around them is 
 it: a Hugging Face config.json in a folder -> ModelConfig -> VllmConfig, a world-size-1 process group, the layers
 built under `set_current_vllm_config` with the model dtype as default dtype, weights loaded and post-processed as
 the loader does. Their KV caches and forward contexts come from dsv4_steps, the metadata kernels' stand-ins
-from dsv4_metadata_kernels.
+from dsv4_compile.frontend.ops.vllm_metadata_kernels.
 
 Process-wide effects (a test module using this must run in a pytest process of its own, as tests/vllm_real does):
 - `import vllm.v1.worker.cpu.shm` (what vLLM's CPU worker imports first, cpu_worker.py:5) replaces
   torch.cuda.Event/Stream with no-op placeholders; the CPU port needs them at construction (attention.py:330);
 - a world-size-1 gloo process group, vLLM's model-parallel groups and its workspace manager, created once;
 - `register_kernels` (vLLM's own Triton-override registry) gets plain-torch versions of the metadata kernels the
-  builders launch (dsv4_metadata_kernels.register_metadata_kernels), because this CPU build has no Triton.
+  builders launch (dsv4_compile.frontend.ops.vllm_metadata_kernels), because this CPU build has no Triton.
 """
 
 from __future__ import annotations

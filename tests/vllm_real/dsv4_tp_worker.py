@@ -143,8 +143,8 @@ def run_window_layer(vllm_config: Any, layers: list[torch.nn.Module]) -> tuple[t
 
 def main(rank: int, world_size: int, port: int, workdir: Path) -> None:
     torch.set_num_threads(1)
+    from dsv4_compile.frontend.ops.vllm_metadata_kernels import register_metadata_kernels
     from tests.vllm_real.dsv4_dist import init_distributed
-    from tests.vllm_real.dsv4_metadata_kernels import register_metadata_kernels
 
     vllm_config = make_config(workdir / "model", world_size)
     init_distributed(vllm_config, world_size, rank, f"tcp://127.0.0.1:{port}")

@@ -13,9 +13,13 @@ import tempfile
 import pytest
 import torch
 
+from dsv4_compile.frontend.ops.vllm_metadata_kernels import register_metadata_kernels
 from tests.vllm_real import dsv4_layers as harness
 from tests.vllm_real import dsv4_steps as steps
-from tests.vllm_real.dsv4_metadata_kernels import register_metadata_kernels
+from tests.vllm_real.cpu_kernels import needs_vllm_cpu_kernels
+
+# Every test here compares with vLLM's CPU port.
+pytestmark = needs_vllm_cpu_kernels
 
 # 130 prompt tokens: the ratio-128 layer has a compressed entry from position 127 on, the ratio-4 layer 32 of them,
 # and the 128-token window is full.
@@ -106,9 +110,7 @@ def _nvidia_twin(cpu_config, weights: list[dict[str, torch.Tensor]], num_sequenc
 
 @pytest.fixture(scope="module")
 def nvidia_port(cpu_port):
-    from tests.vllm_real.dsv4_compressed import register_c128a_metadata_kernel
-
-    register_c128a_metadata_kernel()
+    register_metadata_kernels()
     vllm_config, _, _, weights = cpu_port
     return _nvidia_twin(vllm_config, weights, num_sequences=3)
 

@@ -21,6 +21,10 @@ import torch
 
 from tests.vllm_real import dsv4_layers as harness
 from tests.vllm_real import dsv4_tp_worker as worker
+from tests.vllm_real.cpu_kernels import needs_vllm_cpu_kernels
+
+# Every test here compares with vLLM's CPU port.
+pytestmark = needs_vllm_cpu_kernels
 
 WORLD_SIZE = 2
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +59,7 @@ def _wait(ranks: list[subprocess.Popen]) -> None:
 @pytest.fixture(scope="module")
 def runs():
     """(TP=1 output and records, [per rank: output, records, how each parameter was loaded])."""
-    from tests.vllm_real.dsv4_metadata_kernels import register_metadata_kernels
+    from dsv4_compile.frontend.ops.vllm_metadata_kernels import register_metadata_kernels
 
     torch.set_num_threads(1)
     workdir = Path(tempfile.mkdtemp())

@@ -14,6 +14,7 @@ import torch
 import dsv4_compile.lowering.lowerings.flashmla  # noqa: F401 - registers the lowerings
 from dsv4_compile.frontend.ops.vllm import ensure_vllm_ops
 from tests.conftest import lower_graph_testing
+from tests.vllm_real.cpu_kernels import needs_vllm_cpu_kernels
 
 HEADS, SCALE = 8, 512 ** -0.5
 
@@ -40,6 +41,7 @@ def decode(q, window, window_slots, window_lengths, sink, compressed, compressed
     return out
 
 
+@needs_vllm_cpu_kernels
 @pytest.mark.parametrize("with_compressed", [True, False], ids=["window+compressed", "window_only"])
 def test_decode_matches_vllm_cpu_kernel(with_compressed):
     import vllm._custom_ops  # noqa: F401 - vLLM's CPU kernels

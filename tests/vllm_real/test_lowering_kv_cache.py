@@ -15,6 +15,7 @@ from dsv4_compile.frontend.ops.vllm import ensure_vllm_ops
 from dsv4_compile.lowering.lowerings import fp8_ds_mla as codec
 from dsv4_compile.lowering.lowerings import kv_cache
 from tests.conftest import lower_graph_testing
+from tests.vllm_real.cpu_kernels import needs_vllm_cpu_kernels
 
 H, PADDED, EPS, BLOCK, BLOCKS, MAX_POS = 3, 4, 1e-6, 8, 4, 64
 CPU_SCALE_FLOOR_BYTE = 127 - 13
@@ -51,6 +52,7 @@ def both_inserts(q, kv, pos, slots, cache):
     return (theirs, theirs_cache), (ours, ours_cache)
 
 
+@needs_vllm_cpu_kernels
 def test_quant_insert_matches_vllm_cpu_byte_for_byte():
     (q_theirs, theirs), (q_ours, ours) = both_inserts(*make())
     assert q_ours.shape == q_theirs.shape and q_ours.dtype == q_theirs.dtype
@@ -59,6 +61,7 @@ def test_quant_insert_matches_vllm_cpu_byte_for_byte():
     assert torch.equal(ours, theirs)
 
 
+@needs_vllm_cpu_kernels
 def test_small_blocks_differ_only_by_the_scale_floor():
     q, kv, pos, slots, cache = make(small_blocks=True)
     (_, theirs), (_, ours) = both_inserts(q, kv, pos, slots, cache)
@@ -96,6 +99,7 @@ def cpu_attention(q, cache, window_slots):
     return out
 
 
+@needs_vllm_cpu_kernels
 @pytest.mark.parametrize("small_blocks", [False, True])
 def test_vllm_cpu_attention_reads_our_cache_as_its_own(small_blocks):
     q, kv, pos, slots, cache = make(small_blocks=small_blocks)
@@ -112,6 +116,7 @@ def test_vllm_cpu_attention_reads_our_cache_as_its_own(small_blocks):
         assert torch.equal(on_ours, on_theirs)
 
 
+@needs_vllm_cpu_kernels
 def test_compiled_quant_insert_matches_vllm_cpu():
     ensure_vllm_ops()
     assert torch.ops._C.fused_deepseek_v4_qnorm_rope_kv_rope_quant_insert.default._schema.arguments[2].alias_info

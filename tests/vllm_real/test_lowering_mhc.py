@@ -20,6 +20,7 @@ import dsv4_compile
 from dsv4_compile.lowering.lowerings import mhc_vllm  # noqa: F401  (registers the lowerings)
 from dsv4_compile.lowering.registry import LOWERINGS
 from tests.conftest import lower_graph_testing, reports_since
+from tests.vllm_real.cpu_kernels import needs_vllm_cpu_kernels
 
 M, H = 4, 64
 RMS_EPS, PRE_EPS, SINKHORN_EPS, NORM_EPS, POST_MULT = 0.1, 0.03, 0.01, 0.2, 1.5
@@ -166,6 +167,7 @@ def test_delayed_ops_match_vllms_torch_reference(t, carried, normed):
     close_stream(fused[5], new.float().mean(1).bfloat16())
 
 
+@needs_vllm_cpu_kernels
 @pytest.mark.parametrize("shape", [(1,), (9,), (2, 3)], ids=["T1", "T9", "2x3"])
 def test_compiled_ops_match_vllms_cpu_kernels(shape):
     # hc_pre_fused_cpu has one eps for the pre gates and Sinkhorn and a post multiplier of 2; it takes no

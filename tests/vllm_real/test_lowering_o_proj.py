@@ -21,6 +21,7 @@ from dsv4_compile.frontend.ops.vllm import ensure_vllm_ops
 from dsv4_compile.lowering.lowerings import o_proj
 from dsv4_compile.lowering.registry import LOWERINGS
 from tests.conftest import lower_graph_testing, reports_since
+from tests.vllm_real.cpu_kernels import needs_vllm_cpu_kernels
 
 OP = "vllm::fused_inv_rope_fp8_quant_kernel"
 GROUPS, HEADS_PER_GROUP, NOPE, ROPE, LORA = 2, 2, 448, 64, 256
@@ -79,6 +80,7 @@ def test_native_takes_vllms_schema():
     assert LOWERINGS[OP].family == "o_proj"
 
 
+@needs_vllm_cpu_kernels
 @pytest.mark.parametrize("packed", [False, True], ids=["fp32-scales", "ue8m0"])
 @pytest.mark.parametrize("t", [0, 1, 6])
 def test_quantised_output_dequantises_to_the_cpu_kernels_rotation(t, packed):
@@ -100,6 +102,7 @@ def test_quantised_output_dequantises_to_the_cpu_kernels_rotation(t, packed):
     assert ((dequantised - expected).abs() <= expected.abs() * 2.0**-4 * 1.001 + s * 2.0**-10 + 1e-6 * absmax).all()
 
 
+@needs_vllm_cpu_kernels
 def test_unquantised_output_is_the_cpu_kernels_rotation():
     """bf16 only: the CPU kernel takes nothing else (fp32 is covered in tests/lowerings/test_o_proj.py)."""
     dtype = torch.bfloat16
@@ -136,6 +139,7 @@ def grouped_weight(packed, seed=2):
     return GroupedWeight(weight, words), torch.exp2(exponents.double() - 127).repeat_interleave(128, 2)
 
 
+@needs_vllm_cpu_kernels
 @pytest.mark.parametrize("packed", [False, True], ids=["sm90-recipe", "sm100-recipe"])
 @pytest.mark.parametrize("t", [0, 5])
 def test_vllms_fp8_o_proj_is_the_projection_of_the_cpu_rotation(t, packed):

@@ -19,6 +19,7 @@ from dsv4_compile.frontend.ops.vllm import ensure_vllm_ops
 from dsv4_compile.lowering.lowerings import routing  # registers the lowering
 from dsv4_compile.lowering.registry import LOWERINGS
 from tests.conftest import lower_graph_testing, reports_since
+from tests.vllm_real.cpu_kernels import needs_vllm_cpu_kernels
 
 OP, NATIVE = "_moe_C::topk_softplus_sqrt", "topk_softplus_sqrt_native"
 E, K = 256, 6
@@ -67,6 +68,7 @@ def test_native_takes_the_ops_schema():
         LOWERINGS[OP].mutates)
 
 
+@needs_vllm_cpu_kernels
 @pytest.mark.parametrize(("renormalize", "scale"), [(True, 2.5), (False, 1.0)], ids=["renorm", "raw"])
 @pytest.mark.parametrize("t", [0, 1, 7])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -77,6 +79,7 @@ def test_bias_routing_matches_biased_topk_cpu(dtype, t, renormalize, scale):
     close(actual, torch.ops._C.biased_topk_cpu(gating, gating, bias, K, renormalize, "sqrtsoftplus", 0, scale, True))
 
 
+@needs_vllm_cpu_kernels
 @pytest.mark.parametrize("t", [0, 5])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_hash_routing_matches_hash_topk_cpu(dtype, t):
@@ -88,6 +91,7 @@ def test_hash_routing_matches_hash_topk_cpu(dtype, t):
     close(actual, torch.ops._C.hash_topk_cpu(logits.float(), tid2eid[ids.long()], K, "sqrtsoftplus", 0, E, 1.5))
 
 
+@needs_vllm_cpu_kernels
 @pytest.mark.parametrize("hashed", [False, True], ids=["bias", "hash"])
 def test_vllms_router_compiles_to_the_cpu_kernels_result(hashed):
     from vllm.model_executor.layers.fused_moe.router.fused_topk_bias_router import fused_topk_bias

@@ -15,6 +15,7 @@ from dsv4_compile.frontend.ops import vllm_triton_attention
 from dsv4_compile.frontend.ops import vllm_triton_compressor as standins
 from dsv4_compile.frontend.ops.vllm import ensure_vllm_ops
 from dsv4_compile.lowering.lowerings import fp8_ds_mla as codec
+from tests.vllm_real.cpu_kernels import needs_vllm_cpu_kernels
 
 ROPE, MAX_POS, EPS = 64, 512, 1e-6
 
@@ -34,6 +35,7 @@ def paged_request(tokens: int, block_size: int, blocks: int, gen: torch.Generato
 
 
 # ----------------------------------------------------------------------------- save_partial_states
+@needs_vllm_cpu_kernels
 @pytest.mark.parametrize("ratio,head", [(4, 1024), (128, 512)])
 def test_save_partial_states_matches_vllm_cpu(ratio, head):
     gen = torch.Generator().manual_seed(ratio)
@@ -132,6 +134,7 @@ def decoded_rows(cache: torch.Tensor, slots: torch.Tensor, head: int) -> torch.T
     return data.view(torch.float8_e4m3fn).float() * scale.contiguous().view(torch.float32)
 
 
+@needs_vllm_cpu_kernels
 @pytest.mark.parametrize("ratio,head,tokens", [(4, 512, 37), (128, 512, 300), (4, 128, 37)])
 def test_compress_norm_rope_store_matches_vllm_cpu(ratio, head, tokens):
     case = compressor_case(ratio, head, tokens)
@@ -167,6 +170,7 @@ def test_compress_skips_padding_tokens():
 
 
 # ----------------------------------------------------------------------------- indexer q
+@needs_vllm_cpu_kernels
 def test_fused_indexer_q_rope_quant_matches_vllm_cpu():
     gen = torch.Generator().manual_seed(3)
     tokens, heads, dim = 9, 8, 128
@@ -228,7 +232,7 @@ def test_combine_topk_swa_indices_against_a_loop():
 
 
 def test_c128a_topk_metadata_against_a_loop():
-    from tests.vllm_real.dsv4_compressed import build_c128a_topk_metadata
+    from dsv4_compile.frontend.ops.vllm_metadata_kernels import build_c128a_topk_metadata
 
     gen = torch.Generator().manual_seed(6)
     width, block_size, ratio = 128, 2, 128
@@ -271,6 +275,7 @@ def test_fill_short_context_topk_indices_against_a_loop():
 
 
 # ----------------------------------------------------------------------------- through the backend
+@needs_vllm_cpu_kernels
 def test_compiled_vllm_compressor_entry_points_match_vllm_cpu():
     """vLLM's own entry points (module globals, as compressor.py calls them) compiled by dsv4_xpu inside
     cuda_compat, which swaps the stand-ins in; the state and compressed caches must match vLLM's CPU kernels."""

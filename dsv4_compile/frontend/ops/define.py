@@ -29,9 +29,10 @@ def fragment(namespace: str) -> torch.library.Library:
 
 def define_if_missing(
     qualname: str, schema: str, fake: Callable[..., object], cuda: Callable[..., object] | None = None,
+    cpu: Callable[..., object] | None = None,
 ) -> bool:
-    """Define `qualname` with `schema` (without the namespace) and `fake`, plus a CUDA kernel if given,
-    unless it already exists. Returns whether it was defined here."""
+    """Define `qualname` with `schema` (without the namespace) and `fake`, plus a CUDA and a CPU kernel if
+    given, unless it already exists. Returns whether it was defined here."""
     namespace, name = qualname.split("::")
     if not schema.startswith(name + "("):
         raise ValueError(f"schema of {qualname} must start with '{name}(': {schema}")
@@ -42,4 +43,6 @@ def define_if_missing(
     torch.library.register_fake(qualname, fake, lib=library)
     if cuda is not None:
         library.impl(name, cuda, "CUDA")
+    if cpu is not None:
+        library.impl(name, cpu, "CPU")
     return True

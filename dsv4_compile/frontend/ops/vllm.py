@@ -6,6 +6,11 @@ vLLM's own kernel libraries are loaded first, when vLLM is installed: a library 
 could not define the same op, and where it has the op its definition is the one used. One module per op
 family (vllm_<family>.py) lists `DEFINITIONS = [(qualname, schema, fake), ...]`, an entry optionally with a
 fourth item, a CUDA kernel (for ops that stand for a Python entry point: it calls that entry point).
+
+`CPU_DEFINITIONS = [(qualname, schema, fake, cpu_kernel), ...]` lists vLLM CPU ops that some of its CPU libraries
+lack: vLLM 0.32.0 builds its DeepSeek-V4 CPU kernels only into its AVX-512 BF16 library, and the NVIDIA path
+reaches a few of them eagerly, inside vLLM's opaque ops (the MoE router, inside `vllm::moe_forward_shared`),
+where no lowering applies. Those get a CPU kernel of native torch (the lowering's math) where they are missing.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ def define_missing_ops() -> list[str]:
         module = importlib.import_module(f"dsv4_compile.frontend.ops.{module_name}")
         for qualname, schema, fake, *cuda in module.DEFINITIONS:
             if define_if_missing(qualname, schema, fake, *cuda):
+                defined.append(qualname)
+        for qualname, schema, fake, cpu in getattr(module, "CPU_DEFINITIONS", ()):
+            if define_if_missing(qualname, schema, fake, cpu=cpu):
                 defined.append(qualname)
     return defined
 

@@ -1,10 +1,13 @@
 """Plain-torch stand-ins for the Triton kernels vLLM's DeepSeek-V4 metadata builders launch.
 
 vLLM's CPU build expects triton-cpu for these (platforms/cpu.py warns "triton-cpu is expected on x86 CPUs");
-without it they are placeholders. Each stand-in is written from the kernel's contract (its arguments, in the
-kernel's own order, are what vLLM's `register_kernels` forwards), covering the one-request, no-image, no-replay,
-no-context-parallel batches the layer harness (dsv4_layers) builds; it fills the same output buffers the kernel
-fills. They run eagerly, while metadata is built, outside any compiled region.
+without it each launch is a placeholder and every metadata build fails ("'function' object is not
+subscriptable", v1/attention/ops/metadata.py:43), for vLLM's CPU port as for its NVIDIA path. Each stand-in is
+written from the kernel's contract (its arguments, in the kernel's own order, are what vLLM's
+`register_kernels` forwards), for batches of several requests without images, replay or context parallelism;
+it fills the same output buffers the kernel fills. They run eagerly, while the model runner builds metadata,
+outside any compiled region. The vLLM plugin registers them (register_metadata_kernels) where vLLM has no
+Triton.
 """
 
 from __future__ import annotations
@@ -82,17 +85,49 @@ def _prefill_chunk_metadata(query_start_loc, seq_lens, cu_compressed_lens, row_s
         token_to_seq[int(cu_compressed_lens[request]): int(cu_compressed_lens[request + 1])] = request
 
 
+def build_c128a_topk_metadata(
+    global_decode_ptr: torch.Tensor, global_decode_stride: int, decode_lens_ptr: torch.Tensor,
+    prefill_local_ptr: torch.Tensor, prefill_local_stride: int, positions_ptr: torch.Tensor, compress_ratio: int,
+    max_compressed_tokens: int, num_decode_tokens: int, token_to_req_indices_ptr: torch.Tensor,
+    block_table_ptr: torch.Tensor, block_table_stride: int, block_size: int, slot_mapping_ptr: torch.Tensor,
+    BLOCK_SIZE: int,
+) -> None:
+    """Token t at position p has n = min((p + 1) // ratio, width) compressed entries (width =
+    max_compressed_tokens). Decode tokens (t < num_decode_tokens): row t of the global buffer gets the cache
+    slots of local entries 0..n-1 through the token's block-table row, -1 after; its length is n, 0 when its
+    slot is -1. Prefill tokens: row t - num_decode_tokens of the prefill buffer gets 0..n-1, then -1."""
+    width = max_compressed_tokens
+    positions = positions_ptr.long()
+    counts = torch.clamp(torch.div(positions + 1, compress_ratio, rounding_mode="floor"), max=width)
+    offsets = torch.arange(width)
+    inside = offsets < counts.unsqueeze(-1)
+    decodes = num_decode_tokens
+    if decodes > 0:
+        requests = token_to_req_indices_ptr[:decodes].long().unsqueeze(-1)
+        blocks = torch.div(offsets, block_size, rounding_mode="floor").clamp(max=block_table_ptr.shape[1] - 1)
+        slots = block_table_ptr.long()[requests, blocks] * block_size + offsets % block_size
+        global_decode_ptr[:decodes, :width] = torch.where(inside[:decodes], slots, -1).to(global_decode_ptr.dtype)
+        valid = slot_mapping_ptr[:decodes] >= 0
+        decode_lens_ptr[:decodes] = torch.where(valid, counts[:decodes], 0).to(decode_lens_ptr.dtype)
+    prefills = positions.shape[0] - decodes
+    if prefills > 0:
+        local = torch.where(inside[decodes:], offsets, -1)
+        prefill_local_ptr[:prefills, :width] = local.to(prefill_local_ptr.dtype)
+
+
 METADATA_KERNELS: dict[str, Callable[..., None]] = {
     "vllm.v1.attention.ops.metadata._token_request_mapping_kernel": _token_request_mapping,
     "vllm.v1.attention.backends.mla.sparse_swa.ComputePrefillMetadataKernel.kernel": _prefill_gather_lens,
     "vllm.v1.attention.backends.mla.sparse_swa.ComputeSWAIndicesAndLensKernel.kernel": _swa_indices_and_lens,
     "vllm.v1.attention.backends.mla.compressor_utils.CompressedSlotMappingKernel.kernel": _compressed_slot_mapping,
     "vllm.v1.attention.backends.mla.indexer.BuildPrefillChunkMetadataKernel.kernel": _prefill_chunk_metadata,
+    "vllm.models.deepseek_v4.sparse_mla.BuildC128ATopkMetadataKernel.kernel": build_c128a_topk_metadata,
 }
 
 
 def register_metadata_kernels() -> None:
-    """Give vLLM's metadata builders the plain-torch kernels above, through vLLM's own override registry."""
+    """Give vLLM's metadata builders the plain-torch kernels above, through vLLM's own override registry,
+    where vLLM has no Triton (process-wide; a kernel someone registered already is left to them)."""
     from vllm.triton_utils import HAS_TRITON
     from vllm.triton_utils.dispatcher import _registry, register_kernels
 

@@ -1,0 +1,94 @@
+"""vLLM's engine (`vllm.LLM`) serving DeepSeek-V4 on CPU: its NVIDIA model through the plugin and dsv4_xpu, and
+vLLM's CPU port as the oracle, each in a process of its own, from one safetensors checkpoint loaded by vLLM's
+real loader (dsv4_compile.tools.vllm_checkpoint).
+
+Prompts of 7 tokens (below the 128-token window and every compression boundary), 33 (eight ratio-4 entries) and
+130 (past the window and the first ratio-128 entry), with different token budgets so that requests finish at
+different steps; max_num_seqs=2, so the third request's prefill joins the others' decode steps. (vLLM's CPU
+platform turns chunked prefill off for MLA models, cpu.py:521, so a prompt is never split.)
+
+The `engine` tier: `make test-engine` (its own process; each engine compiles the whole model, minutes here).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.vllm_real.cpu_kernels import needs_vllm_cpu_kernels
+
+pytestmark = pytest.mark.engine
+
+PROMPTS = [[(5 * i + 3) % 256 for i in range(7)], [(11 * i + 1) % 256 for i in range(33)],
+           [(7 * i) % 256 for i in range(130)]]
+MAX_TOKENS = [8, 5, 3]
+# Greedy picks may differ only where the oracle's two best logprobs are this close (bf16 activations, the FP8
+# KV cache's rounding and a different summation order per path); picked tokens' logprobs agree within LOGPROB_ATOL.
+TIE_TOLERANCE = 0.05
+LOGPROB_ATOL = 0.15
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from dsv4_compile.tools.vllm_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-dsv4"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def nvidia(checkpoint):
+    from dsv4_compile.tools.vllm_engine import run_engine
+
+    return run_engine("nvidia", checkpoint, PROMPTS, MAX_TOKENS, phases=("batched", "alone", "batched"),
+                      max_num_seqs=2)
+
+
+def test_the_engine_serves_the_nvidia_model_compiled_by_dsv4_xpu(nvidia):
+    assert nvidia["model_class"] == "DeepseekV4ForCausalLMNvidiaPath"
+    first = nvidia["runs"][0]
+    assert first["dynamo"]["unique_graphs"] > 0, "nothing was compiled"
+    rewrites = nvidia["rewrites"]
+    assert rewrites["lower_ops"]["changed"] > 0 and rewrites["audit"]["graphs"] == rewrites["lower_ops"]["graphs"]
+    for result, budget in zip(first["results"], MAX_TOKENS, strict=True):
+        assert len(result["tokens"]) == budget
+        assert all(0 <= token < 256 for token in result["tokens"])
+        picked = [step[str(token)] for token, step in zip(result["tokens"], result["logprobs"], strict=True)]
+        assert all(math.isfinite(lp) and lp <= 0 for lp in picked)
+        # greedy: the picked token is the best of the returned alternatives
+        assert all(lp >= max(step.values()) - 1e-6 for lp, step in zip(picked, result["logprobs"], strict=True))
+
+
+def test_batched_and_alone_give_the_same_tokens(nvidia):
+    batched, alone, _ = nvidia["runs"]
+    for together, single in zip(batched["results"], alone["results"], strict=True):
+        assert together["tokens"] == single["tokens"]
+
+
+def test_steady_state_compiles_nothing(nvidia):
+    """After the first batched and the alone phase have seen every shape, the same batch again compiles no
+    graph and recompiles nothing (the recompile limit is never approached)."""
+    last = nvidia["runs"][2]
+    assert last["dynamo"] == {"unique_graphs": 0, "graph_breaks": 0, "recompiles": 0, "frames_ok": 0}
+    assert [r["tokens"] for r in last["results"]] == [r["tokens"] for r in nvidia["runs"][0]["results"]]
+
+
+def agree_except_at_ties(ours: dict, oracle: dict) -> None:
+    for step, (token, reference) in enumerate(zip(ours["tokens"], oracle["tokens"], strict=True)):
+        options = oracle["logprobs"][step]
+        if token != reference:
+            best = sorted(options.values(), reverse=True)
+            assert best[0] - best[1] <= TIE_TOLERANCE, (
+                f"step {step}: picked {token}, the CPU port {reference} (its top logprobs {options})")
+            return  # past a tie the sequences continue from different tokens
+        assert abs(ours["logprobs"][step][str(token)] - options[str(reference)]) <= LOGPROB_ATOL
+
+
+@needs_vllm_cpu_kernels
+def test_same_tokens_as_vllms_cpu_port(checkpoint, nvidia):
+    from dsv4_compile.tools.vllm_engine import run_engine
+
+    cpu_port = run_engine("cpu-port", checkpoint, PROMPTS, MAX_TOKENS, phases=("batched", "alone"), max_num_seqs=2)
+    assert cpu_port["model_class"] == "DeepseekV4ForCausalLM"
+    for ours, oracle in zip(nvidia["runs"][0]["results"], cpu_port["runs"][0]["results"], strict=True):
+        agree_except_at_ties(ours, oracle)
