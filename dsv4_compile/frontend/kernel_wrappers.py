@@ -86,7 +86,21 @@ def bindings_of(original: object, name: str, package: str) -> list[object]:
 
 
 def _binding_modules(original: object, name: str, modules: list[object]) -> list[object]:
-    return [module for module in modules if getattr(module, "__dict__", {}).get(name) is original]
+    """The modules of `modules` whose global `name` is `original`; remembered per (name, module list), since the
+    scan over thousands of vLLM modules would otherwise run for every wrapper on every cuda_compat entry.
+    A remembered list is used only while every module in it still binds `original`."""
+    key = (name, id(original))
+    cached = _BINDINGS.get(key)
+    if (cached is None or cached[0] is not modules or cached[1] is not original
+            or any(getattr(module, "__dict__", {}).get(name) is not original for module in cached[2])):
+        found = [module for module in modules if getattr(module, "__dict__", {}).get(name) is original]
+        cached = _BINDINGS[key] = (modules, original, found)
+    return cached[2]
+
+
+# (name, id(original)) -> (the module list scanned, original, the modules binding it); the list and the original
+# are held so that their ids cannot be reused while the entry stands.
+_BINDINGS: dict[tuple[str, int], tuple[list[object], object, list[object]]] = {}
 
 
 def _loaded_fingerprint() -> tuple[int, ...]:

@@ -36,6 +36,18 @@ from dsv4_compile.frontend.cuda_compat import cuda_compat
 from dsv4_compile.frontend.ops.vllm_metadata_kernels import register_metadata_kernels
 
 BACKEND_NAME = "dsv4_xpu"
+# JSON of dsv4_xpu's options for the plugin's compile (vLLM passes no options to a named backend), e.g.
+# '{"inductor": false}' to run the rewritten graphs without Inductor when bisecting a numerical difference.
+OPTIONS_ENV = "DSV4_COMPILE_OPTIONS"
+
+
+def backend_options() -> dict[str, Any] | None:
+    """dsv4_xpu's options from DSV4_COMPILE_OPTIONS (validated by the backend), or None."""
+    import json
+    import os
+
+    text = os.environ.get(OPTIONS_ENV, "").strip()
+    return json.loads(text) if text else None
 
 
 def compiled_under_cuda_compat(base: type[torch.nn.Module], device_type: str) -> type[torch.nn.Module]:
@@ -43,16 +55,16 @@ def compiled_under_cuda_compat(base: type[torch.nn.Module], device_type: str) ->
 
     class CompiledUnderCudaCompat(base):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            self._dsv4_prepare(device_type)
+            self._dsv4_prepare(device_type, kwargs)
             with cuda_compat(device_type):
                 super().__init__(*args, **kwargs)
             if device_type == "cpu":
                 keep_raw_linear_weights(self)
             self._dsv4_finish(device_type)
-            self._dsv4_forward = torch.compile(super().forward, backend=BACKEND_NAME)
+            self._dsv4_forward = torch.compile(super().forward, backend=BACKEND_NAME, options=backend_options())
 
-        def _dsv4_prepare(self, device_type: str) -> None:
-            """Before construction (a hook for subclasses)."""
+        def _dsv4_prepare(self, device_type: str, kwargs: dict[str, Any]) -> None:
+            """Before construction, with the constructor's keyword arguments (a hook for subclasses)."""
 
         def _dsv4_finish(self, device_type: str) -> None:
             """After construction (a hook for subclasses)."""
@@ -88,6 +100,19 @@ def ensure_workspace_manager(device: torch.device) -> None:
 
     if not is_workspace_manager_initialized():
         init_workspace_manager(device)
+
+
+def skip_cuda_jit_warmup(vllm_config: Any) -> None:
+    """vLLM's JIT warm-up (on unless enforce_eager) builds the NVIDIA model's tilelang and DeepGEMM CUDA kernels
+    at construction (nvidia/model.py:1143), importing tilelang; the backend replaces every one of those kernels, so
+    there is nothing to warm up off CUDA. Turned off for this model, said in vLLM's log."""
+    kernel_config = vllm_config.kernel_config
+    if kernel_config.enable_jit_warmup:
+        import logging
+
+        logging.getLogger("vllm").info("dsv4_compile: vLLM's CUDA JIT warm-up (tilelang, DeepGEMM) is off for the "
+                                       "NVIDIA DeepSeek-V4 model compiled by dsv4_xpu: it has no CUDA kernel to build")
+        kernel_config.enable_jit_warmup = False
 
 
 @functools.cache
@@ -161,7 +186,8 @@ def nvidia_path_class() -> type[torch.nn.Module]:
     base = compiled_under_cuda_compat(DeepseekV4ForCausalLM, current_platform.device_type)
 
     class DeepseekV4ForCausalLMNvidiaPath(base):
-        def _dsv4_prepare(self, device_type: str) -> None:
+        def _dsv4_prepare(self, device_type: str, kwargs: dict[str, Any]) -> None:
+            skip_cuda_jit_warmup(kwargs["vllm_config"])
             ensure_workspace_manager(torch.device(device_type))
             register_metadata_kernels()
             skip_op_bodies_as_frames()
