@@ -104,12 +104,12 @@ def command_line() -> str:
 
 def environment() -> dict:
     """Where the numbers come from."""
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-           "note": "an NVIDIA GPU standing in for an Intel XPU: not XPU measurements"}
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
     if torch.cuda.is_available():
         import triton
 
-        env |= {"device": torch.cuda.get_device_name(), "triton": triton.__version__}
+        env |= {"device": torch.cuda.get_device_name(), "triton": triton.__version__,
+                "note": "an NVIDIA GPU standing in for an Intel XPU: not XPU measurements"}
     else:
         env["device"] = "cpu"
     return env

@@ -9,7 +9,7 @@ from dsv4_compile.tools.cli import _subject, main
 from tests.conftest import needs_trace_time_retarget
 
 
-@pytest.mark.parametrize("command", ["demo", "passes", "diff", "codegen"])
+@pytest.mark.parametrize("command", ["demo", "vllm-demo", "passes", "diff", "codegen"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -24,7 +24,7 @@ def test_top_level_help_lists_the_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert all(c in out for c in ("demo", "passes", "diff", "codegen"))
+    assert all(c in out for c in ("demo", "vllm-demo", "passes", "diff", "codegen"))
 
 
 def test_passes(capsys):

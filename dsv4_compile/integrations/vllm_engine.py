@@ -72,11 +72,15 @@ def compiled_under_cuda_compat(base: type[torch.nn.Module], device_type: str) ->
         def _dsv4_before_call(self) -> None:
             """Before each compiled call (a hook for subclasses)."""
 
+        def _dsv4_dynamo_config(self) -> dict[str, Any]:
+            """Dynamo settings for the compiled calls (a hook for subclasses)."""
+            return {}
+
         def forward(self, *args: Any, **kwargs: Any) -> Any:
             if torch.compiler.is_compiling():
                 return super().forward(*args, **kwargs)
             self._dsv4_before_call()
-            with cuda_compat(device_type):
+            with cuda_compat(device_type), torch._dynamo.config.patch(self._dsv4_dynamo_config()):
                 return self._dsv4_forward(*args, **kwargs)
 
     # vLLM's initialize_model reads the constructor's signature to decide how to call it.
@@ -179,6 +183,22 @@ def skip_op_bodies_as_frames() -> list[str]:
     return done
 
 
+RECOMPILES_PER_LAYER = 8
+
+
+def dynamo_limits(num_layers: int) -> dict[str, Any]:
+    """Recompile limits for the NVIDIA model, and a recompile limit that fails the call, naming itself.
+
+    The model's graph breaks leave each layer's attention code as frames of their own, and Dynamo keys a frame's
+    compiled variants by code object, not by module: every layer (its prefix, its compressor and indexer)
+    specialises the same `forward`, so the default 8 variants per code object run out after a few layers and
+    prefill/decode shapes. Dynamo would then run the frame eagerly, where the first CUDA-only op fails with an
+    error naming that op, not the cause; `fail_on_recompile_limit_hit` makes the error say what happened."""
+    per_code = RECOMPILES_PER_LAYER * (num_layers + 1)
+    return {"recompile_limit": per_code, "accumulated_recompile_limit": max(256, 16 * per_code),
+            "fail_on_recompile_limit_hit": True}
+
+
 def nvidia_path_class() -> type[torch.nn.Module]:
     from vllm.models.deepseek_v4.nvidia.model import DeepseekV4ForCausalLM
     from vllm.platforms import current_platform
@@ -199,6 +219,9 @@ def nvidia_path_class() -> type[torch.nn.Module]:
         def _dsv4_before_call(self) -> None:
             if not self._dsv4_caches_marked:
                 self._dsv4_caches_marked = mark_kv_caches_static(self) > 0
+
+        def _dsv4_dynamo_config(self) -> dict[str, Any]:
+            return dynamo_limits(len(self.model.layers))
 
     DeepseekV4ForCausalLMNvidiaPath.__init__.__signature__ = inspect.signature(DeepseekV4ForCausalLM.__init__)
     return DeepseekV4ForCausalLMNvidiaPath
