@@ -17,7 +17,6 @@ Process-wide effects (a test module using this must run in a pytest process of i
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -26,67 +25,14 @@ from typing import Any
 
 import torch
 
+from dsv4_compile.tools.vllm_checkpoint import TINY_CONFIG, random_value, write_tiny_config  # noqa: F401 - the tests use it
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-TINY_CONFIG: dict[str, Any] = {
-    "architectures": ["DeepseekV4ForCausalLM"],
-    "model_type": "deepseek_v4",
-    "torch_dtype": "bfloat16",
-    "vocab_size": 256,
-    "hidden_size": 256,
-    # Layer 0: window only and hash-routed; 1: ratio 4 (compressor + indexer); 2: ratio 128. The trailing entry
-    # is the multi-token-prediction layer's, as in the published configs.
-    "num_hidden_layers": 3,
-    "compress_ratios": [0, 4, 128, 0],
-    "num_hash_layers": 1,
-    # The kernels fix these: the fp8_ds_mla cache row is 448 fp8 + 64 bf16 rope dims (head_dim 512, rope 64),
-    # the indexer cache row is 128 fp8 + a scale, and the CPU top-k kernel is the 512-wide one.
-    "head_dim": 512,
-    "qk_rope_head_dim": 64,
-    "index_head_dim": 128,
-    "index_topk": 512,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 1,
-    "q_lora_rank": 128,
-    "o_lora_rank": 128,
-    "o_groups": 8,
-    "index_n_heads": 8,
-    "sliding_window": 128,
-    "rope_theta": 10000.0,
-    "compress_rope_theta": 160000.0,
-    "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024,
-                     "beta_fast": 32, "beta_slow": 1},
-    "max_position_embeddings": 4096,
-    # vLLM's CPU routing kernels (hash_topk_cpu, biased_topk_cpu) take 64, 128, 256 or 384 experts, top-6 or 8.
-    "n_routed_experts": 64,
-    "num_experts_per_tok": 6,
-    "n_shared_experts": 1,
-    "moe_intermediate_size": 64,
-    "scoring_func": "sqrtsoftplus",
-    "topk_method": "noaux_tc",
-    "norm_topk_prob": True,
-    "routed_scaling_factor": 1.5,
-    "swiglu_limit": 10.0,
-    "hc_mult": 4,
-    "hc_sinkhorn_iters": 20,
-    "hc_eps": 1e-6,
-    "rms_norm_eps": 1e-6,
-    "hidden_act": "silu",
-    "tie_word_embeddings": False,
-}
 
 MAX_MODEL_LEN = 1024
 MAX_NUM_BATCHED_TOKENS = 1024
 MAX_NUM_SEQS = 4
-
-
-def write_tiny_config(folder: str | Path, **overrides: Any) -> Path:
-    """Write a tiny DeepSeek-V4 `config.json` (the checkpoint's field names) into `folder`; returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({**TINY_CONFIG, **overrides}, indent=1))
-    return folder
 
 
 def make_vllm_config(model_folder: str | Path, cache_dtype: str = "fp8", **engine: Any) -> Any:
@@ -177,34 +123,13 @@ def keep_raw_linear_weights(layers: Iterable[torch.nn.Module]) -> None:
                 module._cpu_skip_gemm_dispatch = True
 
 
-def _random_value(name: str, param: torch.Tensor, generator: torch.Generator, num_experts: int) -> torch.Tensor:
-    """A plausible random value for a DeepSeek-V4 parameter, chosen by its name."""
-    shape, leaf = param.shape, name.rsplit(".", 1)[-1]
-    if param.dtype in (torch.int32, torch.int64):  # tid2eid: token id -> experts
-        return torch.randint(0, num_experts, shape, generator=generator, dtype=param.dtype)
-    normal = torch.randn(shape, generator=generator, dtype=torch.float32)
-    if name.endswith("norm.weight"):
-        value = 1.0 + 0.1 * normal
-    elif leaf == "attn_sink" or leaf == "e_score_correction_bias":
-        value = 0.5 * normal
-    elif leaf.endswith("_scale") and name.split(".")[-1].startswith("hc_"):
-        value = 0.5 + 0.1 * normal
-    elif leaf.startswith("hc_") and leaf.endswith("_base"):
-        value = 0.1 * normal
-    elif leaf == "ape":
-        value = 0.1 * normal
-    else:  # projections: keep activations O(1)
-        value = normal / max(1, shape[-1]) ** 0.5
-    return value.to(param.dtype)
-
-
 def fill_weights(layer: torch.nn.Module, seed: int,
                  num_experts: int = TINY_CONFIG["n_routed_experts"]) -> dict[str, torch.Tensor]:
     """Fill every parameter of `layer` with seeded random values; returns them by name (vLLM's names)."""
     values = {}
     for name, param in layer.named_parameters():
         generator = torch.Generator().manual_seed(seed + sum(map(ord, name)))
-        values[name] = _random_value(name, param, generator, num_experts)
+        values[name] = random_value(name, param.shape, param.dtype, generator, num_experts)
         with torch.no_grad():
             param.copy_(values[name])
     return values

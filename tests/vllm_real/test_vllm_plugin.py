@@ -17,6 +17,7 @@ def load_plugins(monkeypatch):
     from vllm import ModelRegistry
 
     monkeypatch.delenv(vllm_plugin.ENABLE_ENV, raising=False)
+    monkeypatch.delenv(vllm_plugin.CPU_PORT_ENV, raising=False)
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     saved = ModelRegistry.models[ARCH]
 
@@ -120,3 +121,20 @@ def test_registry_class_builds_the_nvidia_model_on_cpu(load_plugins, monkeypatch
     assert [type(layer.attn).__name__ for layer in model.model.layers] == ["DeepseekV4FlashMLAAttention"] * 3
     linears = [m for m in model.modules() if isinstance(m, LinearBase)]
     assert linears and all(m._cpu_skip_gemm_dispatch for m in linears)
+
+
+def test_enabled_leaves_every_other_architecture_alone(load_plugins, monkeypatch):
+    from vllm import ModelRegistry
+
+    before = dict(ModelRegistry.models)
+    monkeypatch.setenv(vllm_plugin.ENABLE_ENV, "1")
+    load_plugins()
+    changed = [arch for arch, entry in ModelRegistry.models.items() if before.get(arch) is not entry]
+    assert changed == [ARCH]
+
+
+def test_cpu_port_switch_maps_the_architecture_to_vllms_cpu_port(load_plugins, monkeypatch):
+    from vllm.models.deepseek_v4.cpu.model import DeepseekV4ForCausalLM as CpuPort
+
+    monkeypatch.setenv(vllm_plugin.CPU_PORT_ENV, "1")
+    assert load_plugins() is CpuPort
