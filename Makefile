@@ -50,15 +50,14 @@ test-cpu-lane: $(BIN)/.vllm-installed
 test-triton-lane:
 	$(MAKE) test-triton
 	$(MAKE) test-triton-xpu
-	$(MAKE) test-engine
 
 # Its own process: importing vLLM sets environment variables, widens Inductor's fallback allow-list and
 # registers its ops. CI=true: a vLLM that does not import fails the run instead of skipping.
 test-vllm: $(BIN)/.vllm-installed
 	CI=true $(BIN)/python -m pytest -q tests/vllm_real -m "not slow and not engine"
 
-# vLLM's engine serving the whole tiny model on both paths (tests/vllm_real/test_vllm_engine.py): each engine is a
-# process of its own that compiles the model.
+# A slow tier, not in `make test`: vLLM's engine serving the whole tiny model on both paths
+# (tests/vllm_real/test_vllm_engine.py), each engine a process of its own that compiles the model (minutes each).
 test-engine: $(BIN)/.vllm-installed
 	CI=true $(BIN)/python -m pytest -q tests/vllm_real -m engine
 
