@@ -34,6 +34,7 @@ import torch
 
 from dsv4_compile.frontend.cuda_compat import cuda_compat
 from dsv4_compile.frontend.ops.vllm_metadata_kernels import register_metadata_kernels
+from dsv4_compile.integrations.vllm_model_support import check_supported
 
 BACKEND_NAME = "dsv4_xpu"
 # JSON of dsv4_xpu's options for the plugin's compile (vLLM passes no options to a named backend), e.g.
@@ -207,6 +208,7 @@ def nvidia_path_class() -> type[torch.nn.Module]:
 
     class DeepseekV4ForCausalLMNvidiaPath(base):
         def _dsv4_prepare(self, device_type: str, kwargs: dict[str, Any]) -> None:
+            check_supported(kwargs["vllm_config"])
             skip_cuda_jit_warmup(kwargs["vllm_config"])
             ensure_workspace_manager(torch.device(device_type))
             register_metadata_kernels()
