@@ -49,13 +49,17 @@ def run_engine(path: str, model: str | Path, prompts: list[list[int]], max_token
     return json.loads(lines[-1][len(marker):])
 
 
+# vLLM's engine arguments for a small model (token-id prompts, bf16, 512-token context), shared by the offline
+# engine here and the server (tools/vllm_server.py, as command-line flags).
+ENGINE_ARGS: dict[str, Any] = {"skip_tokenizer_init": True, "dtype": "bfloat16", "max_model_len": 512,
+                               "max_num_batched_tokens": 512, "seed": 0}
+
+
 def make_llm(model: str, kv_cache_bytes: int, max_num_seqs: int = 4, **extra: Any) -> Any:
-    """vLLM's offline engine for a small model: token-id prompts, bf16, 512-token context, a fixed KV-cache size."""
+    """vLLM's offline engine for a small model (ENGINE_ARGS) with a fixed KV-cache size."""
     from vllm import LLM
 
-    return LLM(model=model, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=512,
-               max_num_seqs=max_num_seqs, max_num_batched_tokens=512, kv_cache_memory_bytes=kv_cache_bytes,
-               seed=0, **extra)
+    return LLM(model=model, max_num_seqs=max_num_seqs, kv_cache_memory_bytes=kv_cache_bytes, **ENGINE_ARGS, **extra)
 
 
 def generate(llm: Any, prompts: list[list[int]], max_tokens: list[int], logprobs: int,

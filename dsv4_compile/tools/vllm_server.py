@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsv4_compile.tools.vllm_engine import engine_env
+from dsv4_compile.tools.vllm_engine import ENGINE_ARGS, engine_env
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -67,12 +67,13 @@ def free_port() -> int:
 def serve(path: str, model: str | Path, log: str | Path, max_num_seqs: int = 2, kv_cache_bytes: int = 64 << 20,
           start_timeout: float = 600, stop_timeout: float = 120) -> Iterator[Server]:
     """vLLM's server for `model` on `path` ("nvidia" or "cpu-port", as in vllm_engine.run_engine), the engine
-    configured as the runner configures it; stopped with SIGINT (Ctrl-C) on exit. Its output goes to `log`."""
+    configured as the runner configures it (ENGINE_ARGS); stopped with SIGINT (Ctrl-C) on exit. Output: `log`."""
     port = free_port()
-    arguments = ["--model", str(model), "--skip-tokenizer-init", "--dtype", "bfloat16", "--max-model-len", "512",
-                 "--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", "512",
-                 "--kv-cache-memory-bytes", str(kv_cache_bytes), "--seed", "0", "--host", "127.0.0.1",
-                 "--port", str(port)]
+    settings = {**ENGINE_ARGS, "max_num_seqs": max_num_seqs, "kv_cache_memory_bytes": kv_cache_bytes}
+    arguments = ["--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        arguments += [flag] if value is True else [flag, str(value)]
     env = engine_env(path)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server's engine core runs in a process of its own, as deployed
     log = Path(log)

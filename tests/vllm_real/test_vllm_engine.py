@@ -133,7 +133,7 @@ def test_the_server_answers_several_requests_at_once_with_the_engines_tokens(ser
 def test_bad_requests_get_vllms_errors_and_the_server_keeps_serving(server, nvidia, change, status, message):
     """(Not among them: a token id past the vocabulary. With skip_tokenizer_init vLLM checks prompt ids against
     no vocabulary (renderers/base.py:420-428, "skipped when the tokenizer is not initialized"), so such an id
-    reaches the embedding and stops the engine, on any model and path; README, Known limits.)"""
+    reaches the embedding and stops the engine, on any model and path; named in the README's engine section.)"""
     refused = server.complete(**{"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS[0], **change})
     assert refused.get("status") == status, refused
     assert message in refused["error"]["message"], refused
