@@ -45,22 +45,40 @@ def test_stock_inductor_rejects_the_layout():
         torch.compile(write_both, backend="inductor")(*paged_caches(buffer), *_args())
 
 
-def test_dsv4_xpu_writes_the_callers_buffer_as_eager_does():
+STORAGE_MODES = pytest.mark.parametrize("mode", ["inductor", "eager"])
+
+
+def _compiled_by(mode: str) -> None:
+    from dsv4_compile import last_report
+
+    compiled_by = last_report().compiled_by
+    if mode == "inductor":
+        assert compiled_by == "inductor"
+    else:
+        assert compiled_by.startswith("eager (inputs") and "view one storage in several dtypes" in compiled_by
+
+
+@STORAGE_MODES
+def test_dsv4_xpu_writes_the_callers_buffer_as_eager_does(mode):
+    torch._dynamo.reset()
     expected_buffer = _buffer()
     expected = write_both(*paged_caches(expected_buffer), *_args())
     buffer = _buffer()
-    actual = torch.compile(write_both, backend="dsv4_xpu")(*paged_caches(buffer), *_args())
+    compiled = torch.compile(write_both, backend="dsv4_xpu", options={"mixed_dtype_storage": mode})
+    actual = compiled(*paged_caches(buffer), *_args())
+    _compiled_by(mode)
     assert torch.equal(buffer, expected_buffer)
     assert not torch.equal(buffer, _buffer())  # the writes happened
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
     # A second call with new values reuses the compiled code and still writes the caller's bytes.
     slots, values = torch.tensor([3, 17]), torch.ones(2, 8)
     expected = write_both(*paged_caches(expected_buffer), slots, values)
-    actual = torch.compile(write_both, backend="dsv4_xpu")(*paged_caches(buffer), slots, values)
+    actual = compiled(*paged_caches(buffer), slots, values)
     assert torch.equal(buffer, expected_buffer) and torch.equal(actual, expected)
 
 
-def test_views_overlapping_at_different_offsets_match_eager():
+@STORAGE_MODES
+def test_views_overlapping_at_different_offsets_match_eager(mode):
     # Bytes 16..47 seen as int16 overlap the fp32 view of bytes 0..31 (element offsets 8 and 0 look disjoint if
     # compared without the item size).
     def step(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +92,19 @@ def test_views_overlapping_at_different_offsets_match_eager():
 
     expected_buffer, buffer = torch.zeros(64, dtype=torch.uint8), torch.zeros(64, dtype=torch.uint8)
     expected = step(*views(expected_buffer), torch.ones(8))
-    actual = torch.compile(step, backend="dsv4_xpu")(*views(buffer), torch.ones(8))
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="dsv4_xpu", options={"mixed_dtype_storage": mode})
+    actual = compiled(*views(buffer), torch.ones(8))
+    _compiled_by(mode)
     assert torch.equal(actual, expected) and torch.equal(buffer, expected_buffer)
+
+
+def test_unknown_mixed_dtype_storage_mode_is_refused():
+    from dsv4_compile.errors import OptionsError
+    from dsv4_compile.lowering.options import BackendOptions
+
+    with pytest.raises(OptionsError, match=r"mixed_dtype_storage.*'eager', 'inductor'.*'split'"):
+        BackendOptions(mixed_dtype_storage="split")
 
 
 def _graph_and_inputs(fn, *args):

@@ -74,6 +74,21 @@ def test_bindings_are_restored_when_the_block_raises(fake_package):
     assert kernels.halve_kernel is cuda_only_wrapper and model.halve_kernel is cuda_only_wrapper
 
 
+def test_a_module_loaded_after_an_entry_is_swapped_on_the_next(fake_package):
+    """The scan of the package's modules is remembered between entries, and redone once a module is loaded."""
+    with substituted_wrappers(TABLE):
+        pass
+    late = types.ModuleType("fakekern.late")
+    late.halve_kernel = cuda_only_wrapper
+    sys.modules["fakekern.late"] = late
+    try:
+        with substituted_wrappers(TABLE):
+            assert late.halve_kernel is as_op
+        assert late.halve_kernel is cuda_only_wrapper
+    finally:
+        sys.modules.pop("fakekern.late")
+
+
 def test_a_wrapper_whose_module_is_not_loaded_is_left_alone():
     with substituted_wrappers({"not_loaded_pkg.mod.fn": as_op}) as swapped:
         assert swapped == []

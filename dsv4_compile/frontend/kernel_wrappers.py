@@ -103,16 +103,20 @@ def _binding_modules(original: object, name: str, modules: list[object]) -> list
 _BINDINGS: dict[tuple[str, int], tuple[list[object], object, list[object]]] = {}
 
 
-def _loaded_fingerprint() -> tuple[int, ...]:
-    return tuple(map(id, sys.modules.values()))
+def _loaded_fingerprint() -> tuple[int, object]:
+    """Changes when a module is loaded or unloaded: the count, and the most recently inserted module (sys.modules
+    keeps insertion order). O(1), as it runs on every cuda_compat entry; a module object swapped into an existing
+    sys.modules entry (no import does that) is not seen."""
+    last = next(reversed(sys.modules.values()), None)
+    return len(sys.modules), last  # the module itself, not its id: an id can be reused
 
 
-_PACKAGE_MODULES: dict[str, tuple[tuple[int, ...], list[object]]] = {}
+_PACKAGE_MODULES: dict[str, tuple[tuple[int, object], list[object]]] = {}
 
 
-def _modules_of(package: str, loaded: tuple[int, ...]) -> list[object]:
-    """The loaded modules of `package`, rescanned only when the set of loaded modules (`loaded`, their ids)
-    has changed: vLLM loads thousands of modules, and cuda_compat is entered on every call of a compiled model."""
+def _modules_of(package: str, loaded: tuple[int, object]) -> list[object]:
+    """The loaded modules of `package`, rescanned only when the set of loaded modules (`loaded`) has changed:
+    vLLM loads thousands of modules, and cuda_compat is entered on every call of a compiled model."""
     cached = _PACKAGE_MODULES.get(package)
     if cached is None or cached[0] != loaded:
         prefix = package + "."

@@ -163,11 +163,11 @@ def merge_mixed_dtype_aliases(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
     compile_graph: Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]],
+    groups: Sequence[SharedStorage] | None = None,
 ) -> Callable[..., Any] | None:
-    """Compile `gm` with `compile_graph` after merging its mixed-dtype aliased inputs; None when it has none.
-
-    The returned callable takes the original inputs."""
-    groups = find_mixed_dtype_aliases(gm, example_inputs)
+    """Compile `gm` with `compile_graph` after merging its mixed-dtype aliased inputs (`groups`, found here
+    when not given); None when it has none. The returned callable takes the original inputs."""
+    groups = find_mixed_dtype_aliases(gm, example_inputs) if groups is None else groups
     if not groups:
         return None
     grouped = {member.index for group in groups for member in group.members}

@@ -8,6 +8,7 @@ Every pass's graph before/after goes to torch's structured log (artifacts `dsv4_
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,12 +16,14 @@ import torch
 import torch.fx
 
 from dsv4_compile.errors import DeviceError, Dsv4CompileError
-from dsv4_compile.lowering.aliased_inputs import merge_mixed_dtype_aliases
+from dsv4_compile.lowering.aliased_inputs import find_mixed_dtype_aliases, merge_mixed_dtype_aliases
 from dsv4_compile.lowering.devices import device_available, input_devices, parse_device
 from dsv4_compile.lowering.options import BackendOptions
 from dsv4_compile.lowering.passes.narrow_matmuls import NarrowWidenedMatmuls
 from dsv4_compile.lowering.pipeline import run_pipeline
 from dsv4_compile.tools.diff import DiffRecorder
+
+log = logging.getLogger(__name__)
 
 
 def dsv4_xpu(
@@ -34,7 +37,7 @@ def dsv4_xpu(
     name = _graph_name()
     recorder = DiffRecorder(name, str(device), record=opts.dump_dir is not None)  # always: TORCH_TRACE artifacts
     try:
-        run_pipeline(gm, device, strict=opts.strict, disable=opts.disable, name=name, observer=recorder)
+        report = run_pipeline(gm, device, strict=opts.strict, disable=opts.disable, name=name, observer=recorder)
     except Dsv4CompileError as exc:
         if opts.dump_dir is not None:
             recorder.write(opts.dump_dir, error=str(exc))
@@ -42,15 +45,24 @@ def dsv4_xpu(
     if opts.dump_dir is not None:
         recorder.write(opts.dump_dir)
     if not opts.inductor:
+        report.compiled_by = "eager (option inductor=False)"
+        return gm
+    groups = find_mixed_dtype_aliases(gm, example_inputs)
+    if groups and opts.mixed_dtype_storage == "eager":
+        names = ", ".join(member.name for group in groups for member in group.members)
+        report.compiled_by = f"eager (inputs {names} view one storage in several dtypes; mixed_dtype_storage)"
+        log.info("%s: %s", name, report.compiled_by)
         return gm
     from torch._inductor.compile_fx import compile_fx
+
+    report.compiled_by = "inductor"
 
     def inductor(graph: torch.fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
         return compile_fx(graph, inputs, config_patches=inductor_config_patches(opts, device.type))
 
     # AOTAutograd rejects mutated inputs that view one storage in different dtypes (vLLM's KV-cache buffer).
-    merged = merge_mixed_dtype_aliases(gm, example_inputs, inductor)
-    return merged if merged is not None else inductor(gm, list(example_inputs))
+    return merge_mixed_dtype_aliases(gm, example_inputs, inductor, groups) if groups else inductor(
+        gm, list(example_inputs))
 
 
 def inductor_config_patches(options: BackendOptions, device_type: str | None = None) -> dict[str, Any]:

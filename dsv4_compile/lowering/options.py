@@ -11,6 +11,8 @@ from dsv4_compile.errors import OptionsError
 from dsv4_compile.lowering.devices import parse_device
 from dsv4_compile.lowering.pipeline import check_disable
 
+MIXED_DTYPE_STORAGE = ("eager", "inductor")
+
 
 @dataclasses.dataclass(frozen=True)
 class BackendOptions:
@@ -29,6 +31,11 @@ class BackendOptions:
     cudagraphs: Inductor records the compiled graph as a CUDA graph (its cudagraph trees, what
               `mode="reduce-overhead"` turns on for stock torch.compile) and replays it; applies to CUDA
               targets, where Inductor falls back to plain launches for a graph it cannot record (and logs why).
+    mixed_dtype_storage: what Inductor does with a graph whose inputs view one storage in several dtypes (vLLM's
+              KV caches over one buffer). "eager" (default): the rewritten graph runs without Inductor, because
+              Inductor functionalizes each write through such a view into a copy of the whole storage, a cost
+              that grows with the KV cache. "inductor": the views are merged into one byte input
+              (lowering/aliased_inputs.py) and the graph is compiled.
     """
 
     device: str | None = None
@@ -38,6 +45,7 @@ class BackendOptions:
     dump_dir: str | None = None
     exact_rounding: bool = True
     cudagraphs: bool = False
+    mixed_dtype_storage: str = "eager"
 
     def __post_init__(self) -> None:
         if self.device is not None:
@@ -45,6 +53,9 @@ class BackendOptions:
         flags = ("strict", "inductor", "exact_rounding", "cudagraphs")
         if not all(isinstance(getattr(self, name), bool) for name in flags):
             raise OptionsError(f"options {', '.join(map(repr, flags))} must be bool")
+        if self.mixed_dtype_storage not in MIXED_DTYPE_STORAGE:
+            raise OptionsError(f"option 'mixed_dtype_storage' is one of {MIXED_DTYPE_STORAGE}, "
+                               f"got {self.mixed_dtype_storage!r}")
         if self.dump_dir is not None:
             if not isinstance(self.dump_dir, (str, os.PathLike)):
                 raise OptionsError(f"option 'dump_dir' must be a path, got {type(self.dump_dir).__name__}")

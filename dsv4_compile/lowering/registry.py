@@ -39,6 +39,10 @@ class NativeLowering:
     mutates:  schema arguments the op writes in place (a KV cache, several out tensors, an optional out):
               the native function receives them, writes them itself with in-place torch ops (a scatter
               into a cache, `copy_` into an out) and returns what the op returns.
+    paged:    mutated caches the native math reads as `[blocks, ...]` with the dims after the first flattened
+              (a paged cache): a call on a reshape of a tensor that merges or splits only those dims gets the
+              tensor itself. Inductor can write a graph input in place, not a view of a non-contiguous one
+              (vLLM's `cache.view(cache.shape[0], -1)` of a padded cache), which it copies whole instead.
     """
 
     qualname: str
@@ -48,6 +52,7 @@ class NativeLowering:
     check: Callable[..., object] | None = None
     ignores: tuple[str, ...] = ()
     mutates: tuple[str, ...] = ()
+    paged: tuple[str, ...] = ()
 
     @property
     def namespace(self) -> str:
@@ -130,12 +135,13 @@ def native_lowering(
     check: Callable[..., object] | None = None,
     ignores: tuple[str, ...] = (),
     mutates: tuple[str, ...] = (),
+    paged: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., object]], Callable[..., object]]:
     """Register the decorated function as the native lowering of the CUDA-only op `qualname`.
 
     `family` defaults to the name of the module the function is defined in ("mhc" for lowerings/mhc.py).
-    See NativeLowering for `out`, `check`, `ignores` and `mutates`. The op need not exist yet: its schema is read when a
-    call of it is rewritten, and a call whose schema does not fit the function is refused there.
+    See NativeLowering for `out`, `check`, `ignores`, `mutates` and `paged`. The op need not exist yet: its schema
+    is read when a call of it is rewritten, and a call whose schema does not fit the function is refused there.
     """
 
     def register(fn: Callable[..., object]) -> Callable[..., object]:
@@ -145,8 +151,12 @@ def native_lowering(
             raise ValueError(f"{qualname} already has a native lowering: {LOWERINGS[qualname].native}")
         if out is not None and mutates:
             raise ValueError(f"{qualname}: give either out= (one buffer the op fills) or mutates=, not both")
+        if not set(paged) <= set(mutates):
+            raise ValueError(f"{qualname}: paged= names mutated caches; {sorted(set(paged) - set(mutates))} "
+                             "are not in mutates=")
         name = family or fn.__module__.rsplit(".", 1)[-1]
-        LOWERINGS[qualname] = NativeLowering(qualname, fn, name, out, check, tuple(ignores), tuple(mutates))
+        LOWERINGS[qualname] = NativeLowering(qualname, fn, name, out, check, tuple(ignores), tuple(mutates),
+                                              tuple(paged))
         if mutates:
             torch.fx.node.has_side_effect(fn)
         return fn

@@ -31,6 +31,7 @@ class RewriteReport:
     passes: list[PassStats] = dataclasses.field(default_factory=list)
     nodes_before: int = 0
     nodes_after: int = 0
+    compiled_by: str | None = None  # set by the backend: what ran the rewritten graph, and why if not Inductor
 
     def __getitem__(self, name: str) -> PassStats:
         """The stats of a pass ('lower_ops') or of a family inside one ('mhc')."""
@@ -72,7 +73,8 @@ class RewriteReport:
     def __str__(self) -> str:
         buffer = io.StringIO()
         Console(file=buffer, width=100, color_system=None, legacy_windows=False).print(self.table(title=False))
-        return f"{self.headline}\n{buffer.getvalue().rstrip()}"
+        compiled = f"\ncompiled by: {self.compiled_by}" if self.compiled_by else ""
+        return f"{self.headline}\n{buffer.getvalue().rstrip()}{compiled}"
 
 
 _reports: list[RewriteReport] = []

@@ -36,6 +36,7 @@ from dsv4_compile.lowering.lowerings.fp8_ds_mla import (
     TOKEN_DATA_BYTES,
     UE8M0_BIAS,
     scatter_paged_rows,
+    token_major_regions,
 )
 from dsv4_compile.lowering.lowerings.kv_cache import gptj_rope_tail
 
@@ -52,9 +53,10 @@ def save_partial_states(
     head = kv.shape[-1]
     ape_rows = ape.index_select(0, positions[:count].long() % compress_ratio)
     scores = score[:count].to(state_cache.dtype) + ape_rows.to(state_cache.dtype)
-    regions = [state_cache[..., :head], state_cache[..., state_width:state_width + head]]
-    scatter_paged_rows(regions, torch.cat([kv[:count].to(state_cache.dtype), scores], dim=-1), slot_mapping,
-                       block_size)
+    row = state_cache.shape[-1]
+    regions = [(0, row, head), (state_width, row, head)]
+    scatter_paged_rows(state_cache, regions, torch.cat([kv[:count].to(state_cache.dtype), scores], dim=-1),
+                       slot_mapping, block_size)
 
 
 def _compressed_rows(
@@ -86,20 +88,6 @@ def _ue8m0_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(amax.clamp_min(AMAX_FLOOR) / E4M3_MAX)))
 
 
-def _paged_byte_regions(cache: torch.Tensor, widths: tuple[int, ...]) -> list[torch.Tensor]:
-    """Views `[num_blocks, block_size, w]` of a paged uint8 cache `[num_blocks, block_size, row]` whose blocks
-    hold, one after another, each region's bytes for all its tokens (token data first, scales after).
-    Built with view, not unflatten: Tensor.unflatten is Python code that Dynamo cannot trace under a
-    torch-function mode (cuda_compat's)."""
-    num_blocks, block_size = cache.shape[0], cache.shape[1]
-    blocks = cache.view(num_blocks, -1)
-    regions, start = [], 0
-    for width in widths:
-        regions.append(blocks[:, start:start + block_size * width].view(num_blocks, block_size, width))
-        start += block_size * width
-    return regions
-
-
 def _write_ds_mla_rows(kv_cache: torch.Tensor, nope: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor) -> None:
     """fp8_ds_mla rows (see lowerings/fp8_ds_mla.py) at `slots`: nope `[N, 448]` in 7 UE8M0-scaled e4m3 blocks,
     rope `[N, 64]` as bf16, then the 7 scale bytes and a zero byte."""
@@ -110,8 +98,9 @@ def _write_ds_mla_rows(kv_cache: torch.Tensor, nope: torch.Tensor, rope: torch.T
     padding = scale_bytes.new_zeros(nope.shape[0], SCALE_BYTES - NOPE_BLOCKS)
     rows = torch.cat([values.view(torch.uint8).reshape(nope.shape[0], -1),
                       rope.to(torch.bfloat16).view(torch.uint8), scale_bytes, padding], dim=-1)
-    scatter_paged_rows(_paged_byte_regions(kv_cache, (TOKEN_DATA_BYTES, SCALE_BYTES)), rows, slots,
-                       kv_cache.shape[1])
+    block_size = kv_cache.shape[1]
+    scatter_paged_rows(kv_cache, token_major_regions(block_size, (TOKEN_DATA_BYTES, SCALE_BYTES)), rows, slots,
+                       block_size)
 
 
 def _write_indexer_rows(kv_cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
@@ -120,8 +109,9 @@ def _write_indexer_rows(kv_cache: torch.Tensor, rows: torch.Tensor, slots: torch
     scale = _ue8m0_scale(rows.abs().amax(dim=-1, keepdim=True))
     values = (rows / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
     packed = torch.cat([values, scale.view(torch.uint8)], dim=-1)
-    regions = _paged_byte_regions(kv_cache, (rows.shape[-1], INDEXER_SCALE_BYTES))
-    scatter_paged_rows(regions, packed, slots, kv_cache.shape[1])
+    block_size = kv_cache.shape[1]
+    regions = token_major_regions(block_size, (rows.shape[-1], INDEXER_SCALE_BYTES))
+    scatter_paged_rows(kv_cache, regions, packed, slots, block_size)
 
 
 def compress_norm_rope_store(

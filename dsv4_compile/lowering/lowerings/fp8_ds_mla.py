@@ -112,13 +112,34 @@ def write_fp8_ds_mla_slots(cache: torch.Tensor, latent: torch.Tensor, slots: tor
     first `slots.shape[0]` rows are written (the caller's rows may be padded beyond the slot mapping)."""
     if slots.shape[0] == 0:
         return
-    scatter_paged_rows(list(paged_regions(cache, block_size)), pack_fp8_ds_mla(latent[:slots.shape[0]]), slots,
-                       block_size)
+    paged_regions(cache, block_size)  # the layout check
+    scatter_paged_rows(cache, token_major_regions(block_size, (TOKEN_DATA_BYTES, SCALE_BYTES)),
+                       pack_fp8_ds_mla(latent[:slots.shape[0]]), slots, block_size)
 
 
-def scatter_paged_rows(regions: list[torch.Tensor], rows: torch.Tensor, slots: torch.Tensor, block_size: int) -> None:
-    """Write `rows [N, W]` at `slots [N]` (negative: skip) into paged `regions` (`[num_blocks, block_size, w_k]`
-    views, the sum of w_k being W: row columns go to the regions in order), in place."""
+# A region of a paged cache, in the columns of one block (the cache's dims after the first, flattened):
+# token o's `width` columns start at `first + o * token_stride`.
+Region = tuple[int, int, int]  # (first, token_stride, width)
+
+
+def token_major_regions(block_size: int, widths: tuple[int, ...]) -> list[Region]:
+    """Regions of a block that holds, one after another, each region's `width` columns for all its tokens."""
+    regions, first = [], 0
+    for width in widths:
+        regions.append((first, width, width))
+        first += block_size * width
+    return regions
+
+
+def scatter_paged_rows(
+    cache: torch.Tensor, regions: list[Region], rows: torch.Tensor, slots: torch.Tensor, block_size: int
+) -> None:
+    """Write `rows [N, W]` at `slots [N]` (negative: skip) into the `regions` of paged `cache [num_blocks, ...]`
+    (the region widths summing to W: row columns go to the regions in order), in place.
+
+    One `index_put_` on `cache` itself, not writes through views of it: Inductor turns a write through a view
+    of a graph input into a copy of the whole input (the whole KV cache, on every step); an `index_put_` on the
+    input it compiles as a store of the N rows."""
     if slots.shape[0] == 0:
         return
     slots = slots.long()
@@ -128,14 +149,23 @@ def scatter_paged_rows(regions: list[torch.Tensor], rows: torch.Tensor, slots: t
     first_valid = torch.argmax(valid.to(torch.int8), dim=0, keepdim=True)  # [1]: indexes as a tensor, not an int
     any_valid = valid.gather(0, first_valid)
     fallback_slot = torch.where(any_valid, slots.gather(0, first_valid), 0)
-    fallback_block, fallback_offset = fallback_slot // block_size, fallback_slot % block_size
-    current = torch.cat([region[fallback_block, fallback_offset] for region in regions], dim=-1)
+    current = cache[_slot_coordinates(cache, regions, fallback_slot, block_size)]
     fallback_row = torch.where(any_valid.unsqueeze(-1), rows.index_select(0, first_valid), current)
     target = torch.where(valid, slots, fallback_slot)
     rows = torch.where(valid.unsqueeze(-1), rows, fallback_row)
-    block, offset = target // block_size, target % block_size
-    start = 0
-    for region in regions:
-        width = region.shape[-1]
-        region.index_put_((block, offset), rows[:, start:start + width])
-        start += width
+    cache.index_put_(_slot_coordinates(cache, regions, target, block_size), rows)
+
+
+def _slot_coordinates(
+    cache: torch.Tensor, regions: list[Region], slots: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, ...]:
+    """Index tensors into `cache` (`[N, 1]` for the block, `[N, W]` for each further dim) of the regions' columns
+    of each slot in `slots [N]`."""
+    block, offset = (slots // block_size).unsqueeze(-1), (slots % block_size).unsqueeze(-1)
+    columns = torch.cat([first + offset * token_stride + torch.arange(width, device=slots.device)
+                         for first, token_stride, width in regions], dim=-1)
+    coordinates = []
+    for size in reversed(cache.shape[1:]):
+        coordinates.append(columns % size)
+        columns = columns // size
+    return (block, *reversed(coordinates))

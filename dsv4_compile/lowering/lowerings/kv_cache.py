@@ -79,10 +79,10 @@ def saturate_e4m3(value: torch.Tensor) -> torch.Tensor:
 def write_row_cache(k_cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor,
                     cache_block_size: int) -> None:
     """Scatter `rows [N, 512]` (already in the cache's dtype) into a `[blocks, block_size, 512]` cache."""
-    cache = k_cache.view(k_cache.shape[0], cache_block_size, LATENT_DIM)
+    cache = k_cache
     if cache.dtype == torch.float8_e4m3fn:  # moved as bytes: CPU torch has no where/cat for float8
         cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
-    scatter_paged_rows([cache], rows, slot_mapping, cache_block_size)
+    scatter_paged_rows(cache, [(0, LATENT_DIM, LATENT_DIM)], rows, slot_mapping, cache_block_size)
 
 
 # ----------------------------------------------------------------------------- contract checks
@@ -161,7 +161,7 @@ def check_kv_rope_insert(
 
 # ----------------------------------------------------------------------------- lowerings
 @native_lowering("_C::fused_deepseek_v4_qnorm_rope_kv_rope_quant_insert", mutates=("k_cache",),
-                 check=check_quant_insert)
+                 paged=("k_cache",), check=check_quant_insert)
 def qnorm_rope_kv_rope_quant_insert_native(
     q_in: torch.Tensor, kv: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor,
     position_ids: torch.Tensor, cos_sin_cache: torch.Tensor, q_head_padded: int, eps: float, cache_block_size: int,

@@ -12,7 +12,9 @@ Emits:
     which computes and writes the buffer, refusing a value of another shape or dtype (no broadcast, no cast).
 The kernel's contract check (`check=`) runs on the recorded values at rewrite time; when a value is not
 recorded the emitted call runs it instead (`<native>_checked` / `_into`), so a bad call never passes silently.
-Arguments a lowering `ignores` are dropped, and their producers (a tile scheduler) go once unused.
+Arguments a lowering `ignores` are dropped, and their producers (a tile scheduler) go once unused. A `paged`
+cache given as a reshape that keeps its block dim (`cache.view(cache.shape[0], -1)`) is given as the tensor it
+reshapes, so that Inductor writes the graph input in place.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 from torch.fx.operator_schemas import normalize_function
 
 from dsv4_compile.errors import UnsupportedNodeError, describe_node
@@ -58,6 +61,8 @@ def lower_registered_ops(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResu
                 continue
             scope.require_rewritable(node, lowering.qualname)
             arguments = bind_arguments(node, lowering)
+            for name in lowering.paged:
+                arguments[name] = paged_base(arguments[name])
             dropped += [arguments[name] for name in lowering.ignores if isinstance(arguments[name], torch.fx.Node)]
             lower_call(graph, node, lowering, arguments, order)
             result.count(lowering.family, matched=1, changed=1)
@@ -66,6 +71,29 @@ def lower_registered_ops(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResu
                 result.count(lowering.family, changed=removed)
             dropped = [n for n in dropped if n.users]
     return result
+
+
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten"}
+_RESHAPE_FUNCTIONS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.flatten,
+                      torch.ops.aten.view.default, torch.ops.aten.reshape.default}
+
+
+def paged_base(argument: object) -> object:
+    """The tensor a paged cache argument reshapes, through any chain of reshapes that keep the block dim and the
+    bytes of each block in order (trailing dims contiguous among themselves); else the argument."""
+    while isinstance(argument, torch.fx.Node) and (
+        (argument.op == "call_method" and argument.target in _RESHAPE_METHODS)
+        or (argument.op == "call_function" and argument.target in _RESHAPE_FUNCTIONS)
+    ) and isinstance(argument.args[0], torch.fx.Node):
+        base, view = example_value(argument.args[0]), example_value(argument)
+        if not (isinstance(base, torch.Tensor) and isinstance(view, torch.Tensor) and base.dim() >= 1
+                and view.dim() >= 1 and base.dtype == view.dtype
+                and statically_known_true(sym_eq(base.shape[0], view.shape[0]))
+                and statically_known_true(sym_eq(base.numel(), view.numel()))
+                and base[0].is_contiguous()):
+            break
+        argument = argument.args[0]
+    return argument
 
 
 def bind_arguments(node: torch.fx.Node, lowering: NativeLowering) -> dict[str, object]:
