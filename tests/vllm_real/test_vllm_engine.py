@@ -59,9 +59,6 @@ def test_the_engine_serves_the_nvidia_model_compiled_by_dsv4_xpu(nvidia):
         assert all(lp >= max(step.values()) - 1e-6 for lp, step in zip(picked, result["logprobs"], strict=True))
 
 
-@pytest.mark.xfail(strict=True, reason="open wrong answer: with Inductor the 130-token prompt alone gives other greedy "
-                                       "tokens ([207, 177, 126]) than in the batch and than the rewritten graphs run "
-                                       "without Inductor (both [207, 4, 62]); README, Known limits")
 def test_batched_and_alone_give_the_same_tokens(nvidia):
     batched, alone, *_ = nvidia["runs"]
     for together, single in zip(batched["results"], alone["results"], strict=True):
@@ -88,6 +85,10 @@ def agree_except_at_ties(ours: dict, oracle: dict) -> None:
 
 
 @needs_vllm_cpu_kernels
+@pytest.mark.xfail(strict=True, reason="open: measured on an AVX-512 BF16 CPU, the prefill step's logprobs agree "
+                   "with the CPU port within 0.08, decode steps drift up to 0.26 (7-token prompt, step 5: 0.19 on the "
+                   "picked token) and the 130-token prompt's step 1 picks 175 where the CPU port's top two are 0.078 "
+                   "apart; README, Known limits")
 def test_same_tokens_as_vllms_cpu_port(checkpoint, nvidia):
     from dsv4_compile.tools.vllm_engine import run_engine
 

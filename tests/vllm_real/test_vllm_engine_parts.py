@@ -87,40 +87,46 @@ def sqrt_softplus64(logits: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(torch.where(x > 20, x, torch.log1p(torch.exp(x))))
 
 
-@pytest.mark.parametrize("seed", [0, 3])
-def test_cpu_hash_routing_is_the_formula(seed):
-    """`_C::hash_topk_cpu` (vLLM's kernel where its library has it, else the project's): the experts of each
-    token's table row, weighted by their sqrt-softplus scores, summing to the scaling factor."""
+def routing_kernel(name: str, which: str):
+    """vLLM's CPU routing kernel `name` as the engine calls it, or the project's kernel registered where vLLM's
+    library lacks it (called directly, so it is tested on a CPU whose vLLM library has its own)."""
     import vllm._custom_ops as ops
 
+    from dsv4_compile.frontend.ops import vllm_routing
     from dsv4_compile.frontend.ops.vllm import ensure_vllm_ops
 
     ensure_vllm_ops()
+    return getattr(ops if which == "engine's" else vllm_routing, name)
+
+
+@pytest.mark.parametrize("which", ["engine's", "project's"])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_cpu_hash_routing_is_the_formula(seed, which):
+    """`_C::hash_topk_cpu`: the experts of each token's table row, weighted by their sqrt-softplus scores, summing
+    to the scaling factor."""
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(9, 64, generator=generator) * 3
     table = torch.randint(0, 64, (9, 6), generator=generator, dtype=torch.int32)
-    weights, experts = ops.hash_topk_cpu(logits, table, 6, "sqrtsoftplus", 0, 64, 1.5)
+    weights, experts = routing_kernel("hash_topk_cpu", which)(logits, table, 6, "sqrtsoftplus", 0, 64, 1.5)
     scores = sqrt_softplus64(logits).gather(1, table.long())
     torch.testing.assert_close(weights.double(), 1.5 * scores / scores.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
     assert torch.equal(experts, table)
 
 
+@pytest.mark.parametrize("which", ["engine's", "project's"])
 @pytest.mark.parametrize("renormalize", [True, False])
-def test_cpu_biased_routing_is_the_formula(renormalize):
-    import vllm._custom_ops as ops
-
-    from dsv4_compile.frontend.ops.vllm import ensure_vllm_ops
-
-    ensure_vllm_ops()
+def test_cpu_biased_routing_is_the_formula(renormalize, which):
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(7, 64, generator=generator) * 2
     bias = torch.randn(64, generator=generator)
-    weights, experts = ops.biased_topk_cpu(logits, logits, bias, 6, renormalize, "sqrtsoftplus", 0, 2.5, True)
+    biased_topk = routing_kernel("biased_topk_cpu", which)
+    weights, experts = biased_topk(logits, logits, bias, 6, renormalize, "sqrtsoftplus", 0, 2.5, True)
     scores = sqrt_softplus64(logits)
     chosen = (scores + bias.double()).topk(6, dim=-1).indices
     assert torch.equal(experts.long().sort(-1).values, chosen.sort(-1).values)
     picked = scores.gather(1, experts.long())
-    expected = 2.5 * (picked / picked.sum(-1, keepdim=True) if renormalize else picked)
+    # vLLM's kernel applies the scaling factor to renormalised weights only (unlike its CUDA routing op).
+    expected = 2.5 * picked / picked.sum(-1, keepdim=True) if renormalize else picked
     torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -150,3 +156,17 @@ def test_kv_caches_are_marked_static():
     model = torch.nn.Sequential(Layer(), Layer())
     assert vllm_engine.mark_kv_caches_static(model) == 2
     assert all(layer.kv_cache._dynamo_static_indices == {0, 1} for layer in model)
+
+
+def test_the_engines_dynamo_counts_see_a_recompile():
+    from dsv4_compile.tools.vllm_engine import dynamo_counts, keep_compilation_metrics
+
+    keep_compilation_metrics()
+    torch._dynamo.reset()
+    before = dynamo_counts()
+    compiled = torch.compile(lambda x, n: x * n, backend="eager", dynamic=False)
+    compiled(torch.ones(2), 2)
+    compiled(torch.ones(2), 3)  # the int is specialised: a new graph, with a recompile reason
+    after = dynamo_counts()
+    assert after["recompiles"] - before["recompiles"] == 1
+    assert after["unique_graphs"] - before["unique_graphs"] == 2

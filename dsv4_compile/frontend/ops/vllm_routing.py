@@ -6,7 +6,7 @@ And vLLM's CPU routing kernels, which its FusedMoE calls on a CPU platform (rout
 `_sqrtsoftplus_bias_topk`), for its CPU libraries without them (all but the AVX-512 BF16 one): a CPU kernel of
 the same routing math, `topk_softplus_sqrt_native`. `hash_topk_cpu` gets each token's expert row
 (`tid2eid[input_ids]`), weights the experts' sqrt-softplus scores, renormalised to sum to the scaling factor;
-`biased_topk_cpu` picks the top-k of score + bias and weights the unbiased scores.
+`biased_topk_cpu` picks the top-k of score + bias and weights the unbiased scores (scaled only when renormalised).
 """
 
 from __future__ import annotations
@@ -90,7 +90,10 @@ def biased_topk_cpu(hidden_states: torch.Tensor, gating_output: torch.Tensor, co
                     apply_routed_scaling_factor_on_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check_cpu_routing(scoring_func, num_fused_shared_experts)
     weights, experts = _routing_outs(hidden_states, topk)
-    scale = routed_scaling_factor if (apply_routed_scaling_factor_on_output and routed_scaling_factor) else 1.0
+    # vLLM's kernel scales only renormalised weights (seen on its AVX-512 BF16 library); its CUDA routing op
+    # scales either way. DeepSeek-V4 always renormalises.
+    scaled = renormalize and apply_routed_scaling_factor_on_output and routed_scaling_factor
+    scale = routed_scaling_factor if scaled else 1.0
     topk_softplus_sqrt_native(weights, experts, torch.empty_like(experts), gating_output.float(), renormalize,
                               scale, correction_bias.float(), None, None, None)
     return weights, experts
