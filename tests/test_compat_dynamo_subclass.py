@@ -119,3 +119,23 @@ def test_mm_out_dtype_compiles_for_cpu(tokens):
 def test_mm_out_dtype_has_no_cpu_kernel_outside_the_block():
     with pytest.raises(NotImplementedError):
         torch.mm(torch.randn(2, 3).bfloat16(), torch.randn(3, 2).bfloat16(), out_dtype=torch.float32)
+
+
+def bmm_into_transposed_view(a, b):
+    # vLLM's o_proj (nvidia/ops/o_proj.py): the grouped GEMM writes through a transposed view of its output
+    z = torch.empty(a.shape[1], a.shape[0], b.shape[2], dtype=a.dtype)
+    torch.bmm(a, b, out=z.transpose(0, 1))
+    return z * 2
+
+
+def test_non_contiguous_out_traces_as_one_graph_with_the_eager_result():
+    a, b = torch.randn(3, 5, 8), torch.randn(3, 8, 4)
+    expected = torch.einsum("gtk,gkn->tgn", a.double(), b.double()) * 2  # z[t, g] = a[g, t] @ b[g]
+    explained = torch._dynamo.explain(bmm_into_transposed_view)(a, b)
+    assert explained.graph_break_count == 1, "without the mode, Dynamo breaks at the non-contiguous out="
+    torch._dynamo.reset()
+    with cuda_compat("cpu"):
+        explained = torch._dynamo.explain(bmm_into_transposed_view)(a, b)
+        out = torch.compile(bmm_into_transposed_view, backend="dsv4_xpu", fullgraph=True)(a, b)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)

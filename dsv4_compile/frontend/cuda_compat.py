@@ -8,6 +8,8 @@
   - `device="cuda"`, `.to("cuda")`, `.cuda()` land on `device`; `.is_cuda` is True for tensors on `device`;
   - `torch.mm/bmm(a, b, out_dtype=dt)`, where `device` has no kernel for it, multiply in `dt`;
   - where vLLM is loaded, its platform answers the CUDA capability of the path lowered (vllm_platform.py);
+  - where vLLM is loaded, Dynamo traces the per-step counts of its attention metadata as symbolic ints, so
+    decode steps and batch sizes do not recompile (vllm_step_metadata.py);
   - where vLLM is loaded, its CUDA-only kernel wrappers (tilelang, DeepGEMM, FlashMLA entry points) become
     calls of registered ops (kernel_wrappers.py).
 It changes what Python computes at trace time only; the CUDA-only ops, streams and kernels that reach the
@@ -26,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from dsv4_compile.frontend.kernel_wrappers import vllm_kernel_wrappers
 from dsv4_compile.frontend.vllm_platform import cuda_capability_of_lowered_path
+from dsv4_compile.frontend.vllm_step_metadata import dynamic_step_metadata
 from dsv4_compile.lowering.devices import is_cuda_device, parse_device
 
 
@@ -146,7 +149,8 @@ def has_out_dtype_matmul(device_type: str) -> bool:
 
 class RetargetCudaMode(TorchFunctionMode):
     """Maps `cuda` devices in torch calls to the target device (`device=`, `.to(...)`, `.cuda()`, `.is_cuda`),
-    and `torch.mm/bmm(..., out_dtype=)` to a matmul in `out_dtype` where the target has no kernel for it."""
+    `torch.mm/bmm(..., out_dtype=)` to a matmul in `out_dtype` where the target has no kernel for it, and,
+    while Dynamo traces, a call writing into a non-contiguous `out=` to the call plus a copy into `out`."""
 
     def __init__(self, device: torch.device) -> None:
         super().__init__()
@@ -172,7 +176,24 @@ class RetargetCudaMode(TorchFunctionMode):
                 # What a kernel accumulating in `out_dtype` computes; CPU has no such kernel (aten::mm.dtype)
                 # and Inductor accepts out_dtype only for CUDA and XPU.
                 return func(args[0].to(out_dtype), args[1].to(out_dtype), **kwargs)
+        if torch.compiler.is_compiling() and _non_contiguous(kwargs.get("out")):
+            return _into_non_contiguous_out(func, args, kwargs)
         return func(*args, **kwargs)
+
+
+def _non_contiguous(out: Any) -> bool:
+    return isinstance(out, torch.Tensor) and not out.is_contiguous()
+
+
+def _into_non_contiguous_out(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`func(..., out=view)` with a non-contiguous view (vLLM's o_proj: `torch.bmm(..., out=z.transpose(0, 1))`)
+    is a graph break for Dynamo; eager torch computes the result and copies it into `out`, and so does this.
+    Anything that is not a plain same-shape, same-dtype result keeps the original call."""
+    out = kwargs["out"]
+    result = func(*args, **{k: v for k, v in kwargs.items() if k != "out"})
+    if not isinstance(result, torch.Tensor) or result.shape != out.shape or result.dtype != out.dtype:
+        return func(*args, **kwargs)
+    return out.copy_(result)
 
 
 # Eager code between graph breaks calls the mode for every torch function; Dynamo would try to compile that call
@@ -288,5 +309,6 @@ def cuda_compat(device: str | torch.device) -> Iterator[torch.device]:
         yield target
         return
     with (cuda_stream_api(target), _dynamo_is_cuda(target.type), _dynamo_subclass_getattr_without_redispatch(),
-          vllm_kernel_wrappers(target), cuda_capability_of_lowered_path(), RetargetCudaMode(target)):
+          vllm_kernel_wrappers(target), cuda_capability_of_lowered_path(), dynamic_step_metadata(),
+          RetargetCudaMode(target)):
         yield target

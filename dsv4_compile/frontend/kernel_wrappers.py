@@ -15,6 +15,7 @@ import contextlib
 import functools
 import importlib
 import sys
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -34,16 +35,16 @@ SUBSTITUTE_MODULES = ("vllm_mhc_substitutes", "vllm_attention", "vllm_o_proj", "
                       "vllm_triton_compressor", "vllm_workspace")
 
 
-def vllm_substitutes(target: torch.device | None = None) -> dict[str, Callable[..., object]]:
+def vllm_substitutes(target: torch.device | None = None) -> Mapping[str, Callable[..., object]]:
     """Every known vLLM kernel wrapper ("module.function") -> what runs in its place while tracing for
-    `target` (default cpu)."""
+    `target` (default cpu). The same read-only table on every call."""
     from dsv4_compile.lowering.devices import TRITON_DEVICE_TYPES
 
-    return dict(_substitutes(target is not None and target.type in TRITON_DEVICE_TYPES))
+    return _substitutes(target is not None and target.type in TRITON_DEVICE_TYPES)
 
 
 @functools.cache
-def _substitutes(has_triton: bool) -> dict[str, Callable[..., object]]:
+def _substitutes(has_triton: bool) -> Mapping[str, Callable[..., object]]:
     # Built once: the same stand-in objects on every entry, so that what Dynamo guarded on when it traced is
     # still there on the next call (and the table is not rebuilt on every call of a compiled model).
     table: dict[str, Callable[..., object]] = {}
@@ -57,7 +58,7 @@ def _substitutes(has_triton: bool) -> dict[str, Callable[..., object]]:
             plain = getattr(module, "NO_TRITON_SUBSTITUTES", {})
             table.update(plain)
             _not_as_frames(plain.values())
-    return table
+    return types.MappingProxyType(table)
 
 
 def _not_as_frames(functions: Iterable[object]) -> None:
@@ -86,21 +87,8 @@ def bindings_of(original: object, name: str, package: str) -> list[object]:
 
 
 def _binding_modules(original: object, name: str, modules: list[object]) -> list[object]:
-    """The modules of `modules` whose global `name` is `original`; remembered per (name, module list), since the
-    scan over thousands of vLLM modules would otherwise run for every wrapper on every cuda_compat entry.
-    A remembered list is used only while every module in it still binds `original`."""
-    key = (name, id(original))
-    cached = _BINDINGS.get(key)
-    if (cached is None or cached[0] is not modules or cached[1] is not original
-            or any(getattr(module, "__dict__", {}).get(name) is not original for module in cached[2])):
-        found = [module for module in modules if getattr(module, "__dict__", {}).get(name) is original]
-        cached = _BINDINGS[key] = (modules, original, found)
-    return cached[2]
-
-
-# (name, id(original)) -> (the module list scanned, original, the modules binding it); the list and the original
-# are held so that their ids cannot be reused while the entry stands.
-_BINDINGS: dict[tuple[str, int], tuple[list[object], object, list[object]]] = {}
+    """The modules of `modules` whose global `name` is `original`."""
+    return [module for module in modules if getattr(module, "__dict__", {}).get(name) is original]
 
 
 def _loaded_fingerprint() -> tuple[int, object]:
@@ -129,25 +117,47 @@ def _modules_of(package: str, loaded: tuple[int, object]) -> list[object]:
 @contextlib.contextmanager
 def substituted_wrappers(table: Mapping[str, Callable[..., object]]) -> Iterator[list[str]]:
     """Swap each loaded wrapper of `table` for its replacement inside the block; yields the names swapped."""
-    swapped: list[tuple[object, str, object]] = []
-    names = []
-    loaded = _loaded_fingerprint()
+    swaps, names = _swap_plan(table, _loaded_fingerprint())
+    done: list[tuple[object, str, object, object]] = []
     try:
-        for dotted, replacement in table.items():
-            module_name, _, function = dotted.rpartition(".")
-            module = sys.modules.get(module_name)
-            original = getattr(module, function, None) if module is not None else None
-            if original is None or original is replacement:
-                continue
-            package_modules = _modules_of(module_name.split(".", 1)[0], loaded)
-            for holder in _binding_modules(original, function, package_modules):
-                swapped.append((holder, function, original))
-                setattr(holder, function, replacement)
-            names.append(dotted)
-        yield names
+        for swap in swaps:
+            holder, function, _, replacement = swap
+            setattr(holder, function, replacement)
+            done.append(swap)
+        yield list(names)
     finally:
-        for holder, name, original in reversed(swapped):
-            setattr(holder, name, original)
+        for holder, function, original, _ in reversed(done):
+            setattr(holder, function, original)
+
+
+Swap = tuple[object, str, object, object]  # (module, global name, original, replacement)
+# id(table) -> (the table, the loaded-modules fingerprint, its swaps, the wrapper names they cover)
+_PLANS: dict[int, tuple[Mapping[str, object], tuple[int, object], tuple[Swap, ...], tuple[str, ...]]] = {}
+
+
+def _swap_plan(table: Mapping[str, Callable[..., object]],
+               loaded: tuple[int, object]) -> tuple[tuple[Swap, ...], tuple[str, ...]]:
+    """Every (module, name) binding of a wrapper of `table`, found once per set of loaded modules: cuda_compat is
+    entered on every call of a compiled model, and the scan would cost more than the swap. A remembered plan is
+    used only while each of its modules still binds the original."""
+    cached = _PLANS.get(id(table))
+    if (cached is not None and cached[0] is table and cached[1] == loaded
+            and all(holder.__dict__.get(function) is original for holder, function, original, _ in cached[2])):
+        return cached[2], cached[3]
+    swaps: list[Swap] = []
+    names: list[str] = []
+    for dotted, replacement in table.items():
+        module_name, _, function = dotted.rpartition(".")
+        module = sys.modules.get(module_name)
+        original = getattr(module, function, None) if module is not None else None
+        if original is None or original is replacement:
+            continue
+        package_modules = _modules_of(module_name.split(".", 1)[0], loaded)
+        swaps += [(holder, function, original, replacement)
+                  for holder in _binding_modules(original, function, package_modules)]
+        names.append(dotted)
+    _PLANS[id(table)] = (table, loaded, tuple(swaps), tuple(names))
+    return tuple(swaps), tuple(names)
 
 
 @contextlib.contextmanager

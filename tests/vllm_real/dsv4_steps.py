@@ -2,7 +2,7 @@
 
 The caches are laid out from each layer's own KVCacheSpec by vLLM's allocator and bound by vLLM's
 `bind_kv_cache`; attention metadata comes from each cache layer's own metadata builder and is installed with
-`set_forward_context`, as vLLM's worker does it (one request per step).
+`set_forward_context`, as vLLM's worker does it (one request per step, or a batch of them).
 """
 
 from __future__ import annotations
@@ -136,37 +136,44 @@ def new_sequence(setup: CacheSetup, index: int = 0) -> Sequence:
     return Sequence(rows)
 
 
-def common_metadata(sequence: Sequence, group: int, block_size: int, num_new: int) -> Any:
-    """vLLM's CommonAttentionMetadata for one request that appends `num_new` tokens, for one cache group."""
+def batch_metadata(batch: list[tuple[Sequence, int]], group: int, block_size: int) -> Any:
+    """vLLM's CommonAttentionMetadata for a step in which each (request, count) of `batch` appends `count` tokens,
+    for one cache group. Requests in the order the model runner puts them: decodes (one token) first."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    start = sequence.num_computed
-    positions = torch.arange(start, start + num_new, dtype=torch.int64)
-    block_table = sequence.block_ids[group].unsqueeze(0)
-    if (start + num_new + block_size - 1) // block_size > int((block_table[0] > 0).sum()):
-        raise ValueError(f"{start + num_new} tokens do not fit the blocks of cache group {group}")
-    slot_mapping = (block_table[0, positions // block_size].to(torch.int64) * block_size + positions % block_size)
-    seq_len = start + num_new
-    query_start_loc = torch.tensor([0, num_new], dtype=torch.int32)
-    seq_lens = torch.tensor([seq_len], dtype=torch.int32)
+    positions, slots, rows, seq_lens, query_lens = [], [], [], [], []
+    for sequence, num_new in batch:
+        start = sequence.num_computed
+        new = torch.arange(start, start + num_new, dtype=torch.int64)
+        row = sequence.block_ids[group]
+        if (start + num_new + block_size - 1) // block_size > int((row > 0).sum()):
+            raise ValueError(f"{start + num_new} tokens do not fit the blocks of cache group {group}")
+        positions.append(new)
+        slots.append(row[new // block_size].to(torch.int64) * block_size + new % block_size)
+        rows.append(row)
+        seq_lens.append(start + num_new)
+        query_lens.append(num_new)
+    query_start_loc = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32)
     return CommonAttentionMetadata(
-        query_start_loc=query_start_loc, query_start_loc_cpu=query_start_loc.clone(), seq_lens=seq_lens,
-        num_reqs=1, num_actual_tokens=num_new, max_query_len=num_new, max_seq_len=seq_len,
-        block_table_tensor=block_table, slot_mapping=slot_mapping, positions=positions,
-        seq_lens_cpu_upper_bound=seq_lens.clone(), is_prefilling=torch.tensor([start == 0]),
+        query_start_loc=query_start_loc, query_start_loc_cpu=query_start_loc.clone(), seq_lens=lengths,
+        num_reqs=len(batch), num_actual_tokens=sum(query_lens), max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens), block_table_tensor=torch.stack(rows), slot_mapping=torch.cat(slots),
+        positions=torch.cat(positions), seq_lens_cpu_upper_bound=lengths.clone(),
+        is_prefilling=torch.tensor([sequence.num_computed == 0 for sequence, _ in batch]),
     )
 
 
-def build_attention_metadata(setup: CacheSetup, sequence: Sequence, num_new: int,
+def build_attention_metadata(setup: CacheSetup, batch: list[tuple[Sequence, int]],
                              only: Callable[[str], bool] = lambda name: True) -> dict[str, Any]:
-    """Per-layer attention metadata for the next `num_new` tokens of `sequence`, from each attention group's
+    """Per-layer attention metadata for a step of (sequence, new token count) pairs, from each attention group's
     builder (only the groups holding a layer for which `only` is true)."""
     metadata: dict[str, Any] = {}
     for group, (spec, _, attention_groups) in enumerate(setup.groups):
         wanted = [g for g in attention_groups if any(map(only, g.layer_names))]
         if not wanted:
             continue
-        common = common_metadata(sequence, group, spec.block_size, num_new)
+        common = batch_metadata(batch, group, spec.block_size)
         for attention_group in wanted:
             built = attention_group.build_metadata(common)
             metadata.update(dict.fromkeys(attention_group.layer_names, built))
@@ -178,11 +185,22 @@ def forward_step(vllm_config: Any, setup: CacheSetup, sequence: Sequence, num_ne
                  only: Callable[[str], bool] = lambda name: True) -> Iterator[torch.Tensor]:
     """vLLM's forward context for the next `num_new` tokens of `sequence`; yields their positions and, on a
     clean exit, counts them as cached."""
+    with batch_step(vllm_config, setup, [(sequence, num_new)], only) as positions:
+        yield positions
+
+
+@contextmanager
+def batch_step(vllm_config: Any, setup: CacheSetup, batch: list[tuple[Sequence, int]],
+               only: Callable[[str], bool] = lambda name: True) -> Iterator[torch.Tensor]:
+    """vLLM's forward context for a step of several requests ((sequence, new token count) pairs, decodes first);
+    yields the positions of all their new tokens and, on a clean exit, counts them as cached."""
     from vllm.config import set_current_vllm_config
     from vllm.forward_context import set_forward_context
 
-    metadata = build_attention_metadata(setup, sequence, num_new, only)
-    positions = torch.arange(sequence.num_computed, sequence.num_computed + num_new, dtype=torch.int64)
-    with set_current_vllm_config(vllm_config), set_forward_context(metadata, vllm_config, num_tokens=num_new):
+    metadata = build_attention_metadata(setup, batch, only=only)
+    positions = torch.cat([torch.arange(s.num_computed, s.num_computed + n, dtype=torch.int64) for s, n in batch])
+    with set_current_vllm_config(vllm_config), set_forward_context(metadata, vllm_config,
+                                                                   num_tokens=len(positions)):
         yield positions
-    sequence.num_computed += num_new
+    for sequence, num_new in batch:
+        sequence.num_computed += num_new
