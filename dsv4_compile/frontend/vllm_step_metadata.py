@@ -28,8 +28,8 @@ METADATA_COUNT_SOURCES = r".*\.attn_metadata\[[^\]]+\]\.(?:" + "|".join(PER_STEP
 
 @contextlib.contextmanager
 def dynamic_step_metadata() -> Iterator[None]:
-    """Inside the block, where vLLM's forward context is loaded, Dynamo traces the PER_STEP_COUNTS of the
-    step's attention metadata as symbolic ints; elsewhere (or on a torch without `dynamic_sources`) nothing."""
+    """Inside the block, where vLLM's forward context is loaded, Dynamo traces PER_STEP_COUNTS of the step's
+    attention metadata as symbolic ints; elsewhere (or on a torch without `dynamic_sources`) nothing."""
     config = torch.compiler.config
     if "vllm.forward_context" not in sys.modules or not hasattr(config, "dynamic_sources"):
         yield
