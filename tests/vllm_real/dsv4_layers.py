@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dsv4_compile.tools.vllm_checkpoint import TINY_CONFIG, random_value, write_tiny_config  # noqa: F401 - the tests use it
+from dsv4_compile.tools.vllm_checkpoint import TINY_CONFIG, random_value, write_tiny_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -133,6 +133,22 @@ def fill_weights(layer: torch.nn.Module, seed: int,
         with torch.no_grad():
             param.copy_(values[name])
     return values
+
+
+def tiny_stack(build: Callable[[Any], list[torch.nn.Module]]) -> tuple[Any, list[torch.nn.Module],
+                                                                       list[dict[str, torch.Tensor]]]:
+    """The tiny config's decoder layers as `build` (build_cpu_port_layers, build_nvidia_layers) makes them, in this
+    process's world-size-1 setup, with seeded random weights (layer i: seed 100 i), post-processed as vLLM's loader
+    does, and the metadata kernels' stand-ins registered. Returns the VllmConfig, the layers and their weights."""
+    from dsv4_compile.frontend.ops.vllm_metadata_kernels import register_metadata_kernels
+
+    vllm_config = make_vllm_config(write_tiny_config(tempfile.mkdtemp()))
+    init_single_process_distributed(vllm_config)
+    layers = build(vllm_config)
+    weights = [fill_weights(layer, seed=100 * index) for index, layer in enumerate(layers)]
+    process_weights(vllm_config, layers)
+    register_metadata_kernels()
+    return vllm_config, layers, weights
 
 
 def copy_weights(values: dict[str, torch.Tensor], layer: torch.nn.Module,

@@ -9,27 +9,17 @@ Decodes read the caches as they are (zeros: no prefill wrote them), which does n
 
 from __future__ import annotations
 
-import tempfile
-
 import pytest
 import torch
 
 import dsv4_compile
-from dsv4_compile.frontend.ops.vllm_metadata_kernels import register_metadata_kernels
 from tests.vllm_real import dsv4_layers as harness
 from tests.vllm_real import dsv4_steps as steps
 
 
 @pytest.fixture(scope="module")
 def stack():
-    folder = harness.write_tiny_config(tempfile.mkdtemp())
-    vllm_config = harness.make_vllm_config(folder)
-    harness.init_single_process_distributed(vllm_config)
-    layers = harness.build_nvidia_layers(vllm_config)
-    for index, layer in enumerate(layers):
-        harness.fill_weights(layer, seed=100 * index)
-    harness.process_weights(vllm_config, layers)
-    register_metadata_kernels()
+    vllm_config, layers, _ = harness.tiny_stack(harness.build_nvidia_layers)
     return vllm_config, layers, steps.allocate_kv_caches(vllm_config, max_tokens=512, num_sequences=4)
 
 

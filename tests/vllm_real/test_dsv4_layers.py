@@ -29,13 +29,7 @@ DECODE_STEPS = 3
 
 @pytest.fixture(scope="module")
 def cpu_port():
-    folder = harness.write_tiny_config(tempfile.mkdtemp())
-    vllm_config = harness.make_vllm_config(folder)
-    harness.init_single_process_distributed(vllm_config)
-    layers = harness.build_cpu_port_layers(vllm_config)
-    weights = [harness.fill_weights(layer, seed=100 * index) for index, layer in enumerate(layers)]
-    harness.process_weights(vllm_config, layers)
-    register_metadata_kernels()
+    vllm_config, layers, weights = harness.tiny_stack(harness.build_cpu_port_layers)
     return vllm_config, layers, steps.allocate_kv_caches(vllm_config, max_tokens=256, num_sequences=7), weights
 
 
