@@ -85,8 +85,14 @@ $(XVENV)/.installed:
 test-triton-xpu: $(TVENV)/.installed $(XVENV)/.installed
 	CI=true DSV4_TRITON_XPU_PYTHON=$(XVENV)/bin/python $(TVENV)/bin/python -m pytest -q tests/test_xpu_compile.py
 
-gpu-test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m gpu
+# On a CUDA machine, with the image's own torch and Triton (no venv: a GPU image may have no registry access).
+# The package goes in with --no-deps for its entry points; pytest and hypothesis must be installed already.
+GPU_PYTHON ?= python3
+gpu-test:
+	@$(GPU_PYTHON) -c "import torch, triton, pytest, hypothesis; assert torch.cuda.is_available()" || \
+		{ echo "make gpu-test needs a CUDA GPU and, in $(GPU_PYTHON), torch with CUDA, triton, pytest, hypothesis"; exit 1; }
+	$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(GPU_PYTHON) -m pytest -q -m gpu
 
 clean:
 	rm -rf $(VENV) $(TVENV) $(XVENV) .pytest_cache .ruff_cache

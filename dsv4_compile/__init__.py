@@ -27,6 +27,23 @@ from dsv4_compile.lowering.report import RewriteReport, all_reports, last_report
 from dsv4_compile.tools.codegen import CodegenResult, CudaOnlyCodeError, codegen
 from dsv4_compile.tools.diff import DiffRecorder, PassDiff
 
+
+def _register_backend_name() -> None:
+    """`backend="dsv4_xpu"` from a source checkout: an installed package names the backend through its
+    torch_dynamo_backends entry point, which torch loads itself (registering here as well would make torch's
+    own registration of the entry point a duplicate), so the name is registered here only when no entry point
+    offers it."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if "dsv4_xpu" in _COMPILER_FNS or entry_points(group="torch_dynamo_backends", name="dsv4_xpu"):
+        return
+    register_backend(dsv4_xpu, name="dsv4_xpu")
+
+
+_register_backend_name()
+
 __all__ = [
     "PASSES",
     "BackendOptions",

@@ -1,0 +1,1 @@
+"""The project's tests: one package, so a test module imported by another keeps one name (tests.test_x)."""
