@@ -20,20 +20,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
-# vLLM's Python functions that are exactly the body of the `vllm::` op of the same name (registered with
-# direct_register_custom_op): calling the op is calling the function, through the dispatcher.
-OP_BACKED_WRAPPERS: dict[str, tuple[str, ...]] = {
-    "vllm.model_executor.kernels.mhc.tilelang": (
-        "mhc_pre_tilelang", "mhc_post_tilelang", "mhc_fused_post_pre_tilelang", "hc_head_fused_kernel_tilelang",
-        "mhc_pre_delayed_tilelang", "mhc_fused_post_pre_delayed_tilelang",
-    ),
-}
-# Modules of dsv4_compile.frontend.ops with a `SUBSTITUTES = {"module.function": replacement}` table, for every
-# target, and optionally `NO_TRITON_SUBSTITUTES`, for targets without Triton (CPU): there vLLM's Triton entry
-# points become plain torch; on a Triton target (XPU) its Triton kernels compile as they are.
-SUBSTITUTE_MODULES = ("vllm_mhc_substitutes", "vllm_attention", "vllm_o_proj", "vllm_triton_attention",
-                      "vllm_triton_compressor", "vllm_workspace")
-
 
 def vllm_substitutes(target: torch.device | None = None) -> Mapping[str, Callable[..., object]]:
     """Every known vLLM kernel wrapper ("module.function") -> what runs in its place while tracing for
@@ -45,27 +31,24 @@ def vllm_substitutes(target: torch.device | None = None) -> Mapping[str, Callabl
 
 @functools.cache
 def _substitutes(has_triton: bool) -> Mapping[str, Callable[..., object]]:
-    # Built once: the same stand-in objects on every entry, so that what Dynamo guarded on when it traced is
-    # still there on the next call (and the table is not rebuilt on every call of a compiled model).
+    # Built once, from dsv4_compile.vllm_constructs: the same stand-in objects on every entry, so that what
+    # Dynamo guarded on when it traced is still there on the next call (and the table is not rebuilt on every
+    # call of a compiled model). On a Triton target (XPU) vLLM's Triton kernels compile as they are.
+    from dsv4_compile.vllm_constructs import CONSTRUCTS, SAME_NAME_OP, Handling, entry_point_substitutes, resolve
+
+    target = "xpu" if has_triton else "cpu"
     table: dict[str, Callable[..., object]] = {}
-    for module_name, functions in OP_BACKED_WRAPPERS.items():
-        for function in functions:
-            table[f"{module_name}.{function}"] = _op_packet("vllm", function)
-    for name in SUBSTITUTE_MODULES:
-        module = importlib.import_module(f"dsv4_compile.frontend.ops.{name}")
-        table.update(getattr(module, "SUBSTITUTES", {}))
-        if not has_triton:
-            plain = getattr(module, "NO_TRITON_SUBSTITUTES", {})
-            table.update(plain)
-            _not_as_frames(plain.values())
+    for dotted, impl in entry_point_substitutes(target).items():
+        table[dotted] = _op_packet("vllm", dotted.rpartition(".")[2]) if impl == SAME_NAME_OP else resolve(impl)
+    _not_as_frames(table[c.name] for c in CONSTRUCTS if c.name in table and c.handling(target) is Handling.STAND_IN)
     return types.MappingProxyType(table)
 
 
 def _not_as_frames(functions: Iterable[object]) -> None:
-    """The plain-torch stand-ins run as they are when eager code between graph breaks calls them; compiled as
-    frames of their own (with dynamic shapes, their buffers' sizes unrelated symbols) they would only cost
-    compiles, and some fail to trace (a broadcast of two sizes Dynamo cannot prove equal). Traced code still
-    inlines them: frame strategies do not apply to inlining."""
+    """The plain-torch stand-ins (for targets without Triton) run as they are when eager code between graph breaks
+    calls them; compiled as frames of their own (with dynamic shapes, their buffers' sizes unrelated symbols) they
+    would only cost compiles, and some fail to trace (a broadcast of two sizes Dynamo cannot prove equal). Traced
+    code still inlines them: frame strategies do not apply to inlining."""
     skip_code = getattr(importlib.import_module("torch._dynamo.eval_frame"), "skip_code", None)
     for function in functions:
         code = getattr(function, "__code__", None)

@@ -86,6 +86,13 @@ def _cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_constructs(args: argparse.Namespace) -> int:
+    from dsv4_compile.vllm_constructs import markdown_table
+
+    print(markdown_table())
+    return 0
+
+
 def _cmd_diff(args: argparse.Namespace) -> int:
     from dsv4_compile.frontend.capture import capture, rewrite
     from dsv4_compile.tools.diff import DiffRecorder
@@ -169,6 +176,9 @@ def _parser() -> argparse.ArgumentParser:
     vllm_demo.set_defaults(run=_cmd_vllm_demo)
     passes = sub.add_parser("passes", help="list the rewrite passes in pipeline order")
     passes.set_defaults(run=_cmd_passes)
+    constructs = sub.add_parser("constructs", help="vLLM's CUDA-only constructs and their handling per target "
+                                "(the README's table, as markdown)")
+    constructs.set_defaults(run=_cmd_constructs)
 
     diff = _subject_parser(sub, "diff", help="show what every pass does to a captured CUDA graph",
                            description="Capture the subject with CUDA semantics (fake tensors, no GPU needed), "

@@ -200,9 +200,9 @@ def test_compiled_ops_match_vllms_cpu_kernels(shape):
 
 @pytest.mark.parametrize("t", [0, 6])
 def test_broadcast_substitute_matches_the_reference_on_copied_streams(t):
-    from dsv4_compile.frontend.ops.vllm_mhc_substitutes import SUBSTITUTES
+    from dsv4_compile.frontend.kernel_wrappers import vllm_substitutes
 
-    substitute = SUBSTITUTES["vllm.model_executor.kernels.mhc.tilelang.mhc_pre_broadcast_tilelang"]
+    substitute = vllm_substitutes()["vllm.model_executor.kernels.mhc.tilelang.mhc_pre_broadcast_tilelang"]
     gen = torch.Generator().manual_seed(4)
     embedding = torch.randn(t, H, generator=gen).bfloat16()
     fn, scale, base = pre_params(gen)

@@ -11,11 +11,14 @@ import pytest
 import torch
 
 import dsv4_compile
+from dsv4_compile.frontend.kernel_wrappers import vllm_substitutes
 from dsv4_compile.frontend.ops import vllm_triton_attention
 from dsv4_compile.frontend.ops import vllm_triton_compressor as standins
 from dsv4_compile.frontend.ops.vllm import ensure_vllm_ops
 from dsv4_compile.lowering.lowerings import fp8_ds_mla as codec
 from tests.vllm_real.cpu_kernels import needs_vllm_cpu_kernels
+
+NO_TRITON = vllm_substitutes(torch.device("cpu"))  # what cuda_compat swaps in on a target without Triton
 
 ROPE, MAX_POS, EPS = 64, 512, 1e-6
 
@@ -153,7 +156,7 @@ def test_two_stage_variant_is_the_same_store():
     case = compressor_case(128, 512, 300)
     one, two = case.kv_cache.clone(), case.kv_cache.clone()
     standins.compress_norm_rope_store(**standin_kwargs(case, one))
-    standins.NO_TRITON_SUBSTITUTES["vllm.models.deepseek_v4.compressor.compress_norm_rope_store_two_stage_triton"](
+    NO_TRITON["vllm.models.deepseek_v4.compressor.compress_norm_rope_store_two_stage_triton"](
         **standin_kwargs(case, two), num_decode_tokens=1, compress_scratch=torch.empty(0))
     assert torch.equal(one, two)
 
@@ -258,7 +261,7 @@ def test_c128a_topk_metadata_against_a_loop():
 
 
 def test_triton_host_helpers():
-    helpers = standins.NO_TRITON_SUBSTITUTES["vllm.models.deepseek_v4.attention.triton"]
+    helpers = NO_TRITON["vllm.models.deepseek_v4.attention.triton"]
     assert [helpers.next_power_of_2(v) for v in (0, 1, 2, 3, 64, 65, 512)] == [1, 1, 2, 4, 64, 128, 512]
     assert helpers.cdiv(257, 128) == 3
     assert callable(helpers.jit)  # everything else comes from vLLM's Triton placeholder

@@ -8,8 +8,6 @@ The substitutes pass no tile-scheduler metadata: the native lowering
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 SPARSE_DECODE_SCHEMA = (
@@ -90,10 +88,3 @@ def get_mla_metadata(*args: object, **kwargs: object) -> tuple[object, None]:
     from vllm.v1.attention.ops.flashmla import FlashMLASchedMeta
 
     return FlashMLASchedMeta(), None
-
-
-SUBSTITUTES: dict[str, Callable[..., object]] = {
-    "vllm.v1.attention.ops.flashmla.get_mla_metadata": get_mla_metadata,
-    "vllm.v1.attention.ops.flashmla.flash_mla_with_kvcache": flash_mla_with_kvcache,
-    "vllm.v1.attention.ops.flashmla.flash_mla_sparse_fwd": flash_mla_sparse_fwd,
-}

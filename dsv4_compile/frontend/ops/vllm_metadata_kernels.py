@@ -12,7 +12,6 @@ Triton.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -115,21 +114,15 @@ def build_c128a_topk_metadata(
         prefill_local_ptr[:prefills, :width] = local.to(prefill_local_ptr.dtype)
 
 
-METADATA_KERNELS: dict[str, Callable[..., None]] = {
-    "vllm.v1.attention.ops.metadata._token_request_mapping_kernel": _token_request_mapping,
-    "vllm.v1.attention.backends.mla.sparse_swa.ComputePrefillMetadataKernel.kernel": _prefill_gather_lens,
-    "vllm.v1.attention.backends.mla.sparse_swa.ComputeSWAIndicesAndLensKernel.kernel": _swa_indices_and_lens,
-    "vllm.v1.attention.backends.mla.compressor_utils.CompressedSlotMappingKernel.kernel": _compressed_slot_mapping,
-    "vllm.v1.attention.backends.mla.indexer.BuildPrefillChunkMetadataKernel.kernel": _prefill_chunk_metadata,
-    "vllm.models.deepseek_v4.sparse_mla.BuildC128ATopkMetadataKernel.kernel": build_c128a_topk_metadata,
-}
-
-
 def register_metadata_kernels() -> None:
-    """Give vLLM's metadata builders the plain-torch kernels above, through vLLM's own override registry,
+    """Give vLLM's metadata builders the plain-torch kernels above (the metadata-kernel rows of
+    dsv4_compile.vllm_constructs), through vLLM's own override registry,
     where vLLM has no Triton (process-wide; a kernel someone registered already is left to them)."""
     from vllm.triton_utils import HAS_TRITON
     from vllm.triton_utils.dispatcher import _registry, register_kernels
 
+    from dsv4_compile.vllm_constructs import metadata_kernel_standins, resolve
+
     if not HAS_TRITON:
-        register_kernels({name: impl for name, impl in METADATA_KERNELS.items() if name not in _registry})
+        register_kernels({name: resolve(impl) for name, impl in metadata_kernel_standins().items()
+                          if name not in _registry})

@@ -1,12 +1,10 @@
 """Stand-ins for vLLM's mHC Python entry points that are not ops, written with its registered `vllm::` ops
 and plain torch so that Dynamo can trace them (and the backend lower the ops) on any machine.
 
-`SUBSTITUTES` maps the dotted name of the original function to its stand-in, which has the same signature.
+Each stand-in has the original's signature; dsv4_compile.vllm_constructs names the function it replaces.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -53,8 +51,3 @@ def mhc_pre_broadcast(
     weight = norm_weight.to(residual.dtype).float()
     layer_input = (rounded.float() * inverse_rms * weight).to(residual.dtype)
     return streams, post_mix, comb_mix, layer_input
-
-
-SUBSTITUTES: dict[str, Callable[..., object]] = {
-    "vllm.model_executor.kernels.mhc.tilelang.mhc_pre_broadcast_tilelang": mhc_pre_broadcast,
-}

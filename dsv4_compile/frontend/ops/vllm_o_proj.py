@@ -3,9 +3,10 @@
 Dynamo records a call the backend can lower (dsv4_compile.lowering.lowerings.o_proj) instead of tracing into
 DeepGEMM. Their CUDA kernels call vLLM's function, so CUDA behaviour is unchanged.
 
-SUBSTITUTES maps each entry point to a function with its Python signature that calls the op; it is swapped in
-only while Dynamo traces (the CUDA kernels refuse to run while a substitute is installed: they would call
-themselves). `vllm::fused_inv_rope_fp8_quant_kernel`, this family's third op, is vLLM's own.
+`fp8_einsum` and `tf32_hc_prenorm_gemm` here have the entry points' Python signatures and call the ops;
+dsv4_compile.vllm_constructs names them as the entry points' substitutes, swapped in only while Dynamo traces (the
+CUDA kernels refuse to run while a substitute is installed: they would call themselves).
+`vllm::fused_inv_rope_fp8_quant_kernel`, this family's third op, is vLLM's own.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ TF32_HC_PRENORM_GEMM_SCHEMA = (
 
 def _vllm_entry_point(name: str) -> Callable[..., object]:
     function = getattr(importlib.import_module(DEEP_GEMM_MODULE), name)
-    if function is SUBSTITUTES.get(f"{DEEP_GEMM_MODULE}.{name}"):
+    if function is globals().get(name):
         raise RuntimeError(f"{DEEP_GEMM_MODULE}.{name} is still replaced by its tracing substitute; "
                            "the CUDA kernel of its op would call itself")
     return function
@@ -90,8 +91,3 @@ DEFINITIONS = [
     ("dsv4_compat::tf32_hc_prenorm_gemm", TF32_HC_PRENORM_GEMM_SCHEMA, _tf32_hc_prenorm_gemm_fake,
      _tf32_hc_prenorm_gemm_cuda),
 ]
-
-SUBSTITUTES: dict[str, Callable[..., object]] = {
-    f"{DEEP_GEMM_MODULE}.fp8_einsum": fp8_einsum,
-    f"{DEEP_GEMM_MODULE}.tf32_hc_prenorm_gemm": tf32_hc_prenorm_gemm,
-}

@@ -6,8 +6,6 @@ the graph without data-dependent shapes: per-request lengths become masks over t
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from dsv4_compile.lowering.lowerings.fp8_ds_mla import read_fp8_ds_mla_slots
@@ -107,10 +105,3 @@ def combine_topk_swa_indices(
     combined_lens.copy_(torch.where(in_batch, topk_len + window_len, 0).to(combined_lens.dtype))
     return combined_indices, combined_lens
 
-
-_CACHE_UTILS = "vllm.models.deepseek_v4.common.ops.cache_utils"
-NO_TRITON_SUBSTITUTES: dict[str, Callable[..., object]] = {
-    "vllm.models.common.ops.fused_qk_rmsnorm.fused_q_kv_rmsnorm": fused_q_kv_rmsnorm,
-    f"{_CACHE_UTILS}.dequantize_and_gather_k_cache": dequantize_and_gather_k_cache,
-    f"{_CACHE_UTILS}.combine_topk_swa_indices": combine_topk_swa_indices,
-}

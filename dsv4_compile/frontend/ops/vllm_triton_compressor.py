@@ -223,15 +223,7 @@ class TritonHostHelpers(types.ModuleType):
         return getattr(TritonPlaceholder(), name)
 
 
-# Values are what each name is rebound to: functions, a grid-launched kernel, or (for `triton`) a module.
-NO_TRITON_SUBSTITUTES: dict[str, Any] = {
-    "vllm.models.deepseek_v4.attention.triton": TritonHostHelpers(),
-    "vllm.models.deepseek_v4.compressor._SAVE_PARTIAL_STATES_KERNEL": save_partial_states,
-    "vllm.models.deepseek_v4.compressor.compress_norm_rope_store_triton": compress_norm_rope_store,
-    "vllm.models.deepseek_v4.compressor.compress_norm_rope_store_two_stage_triton": compress_norm_rope_store,
-    "vllm.models.deepseek_v4.attention.fused_indexer_q_rope_quant": fused_indexer_q_rope_quant,
-    "vllm.models.deepseek_v4.attention._fill_short_context_topk_indices": GridLaunched(
-        fill_short_context_topk_indices),
-    "vllm.models.deepseek_v4.nvidia.flashmla.compute_global_topk_indices_and_lens":
-        compute_global_topk_indices_and_lens,
-}
+# What dsv4_compile.vllm_constructs rebinds `triton` and `_fill_short_context_topk_indices` to (the other rows
+# name functions of this module).
+TRITON_HOST_HELPERS = TritonHostHelpers()
+FILL_SHORT_CONTEXT_TOPK_INDICES = GridLaunched(fill_short_context_topk_indices)

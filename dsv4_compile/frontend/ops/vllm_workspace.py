@@ -12,7 +12,7 @@ ordinary allocations that Inductor plans.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -34,8 +34,3 @@ def current_workspace_manager() -> ScratchWorkspace:
 
     manager = workspace._manager
     return ScratchWorkspace(manager._device if manager is not None else torch.device("cpu"))
-
-
-SUBSTITUTES: dict[str, Callable[..., object]] = {
-    "vllm.v1.worker.workspace.current_workspace_manager": current_workspace_manager,
-}

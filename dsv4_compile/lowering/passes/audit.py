@@ -4,9 +4,9 @@ Matches: whatever cannot run on the target device after the rewrites:
   - calls of ops with a registered native lowering (their family was disabled, or they could not be lowered);
   - any other operator call (OpOverload or packet, whatever its namespace) with no kernel for the target
     device and no composite implementation; `aten` and `prims` ops are Inductor's own and always lowered;
-  - ops known to be CUDA-only although they report a kernel for the target (CUDA_ONLY_OPS: vLLM registers
-    its Python kernel wrappers under the platform's dispatch key, so on a CPU build `vllm::mhc_pre_tilelang`
-    "has" a CPU kernel, one that needs tilelang);
+  - ops known to be CUDA-only although they report a kernel for the target (the refused op rows of
+    dsv4_compile.vllm_constructs: vLLM registers its Python kernel wrappers under the platform's dispatch key,
+    so on a CPU build `vllm::mhc_pre_tilelang` "has" a CPU kernel, one that needs tilelang);
   - stream/event nodes and stream tags;
   - `cuda` device constants, on a non-CUDA target;
   - user Triton launches with PDL (`launch_pdl=True` or `USE_GDC=True`).
@@ -30,23 +30,13 @@ from dsv4_compile.lowering.passes.base import PassContext, PassResult, graph_sco
 from dsv4_compile.lowering.passes.device_constants import cuda_device_uses
 from dsv4_compile.lowering.passes.pdl import pdl_flags
 from dsv4_compile.lowering.registry import LOWERINGS
+from dsv4_compile.vllm_constructs import TARGETS, cuda_only_op_patterns
 
 log = logging.getLogger("dsv4_compile")
 
 # Inductor lowers or decomposes these itself, for every device it generates code for.
 INDUCTOR_NAMESPACES = frozenset({"aten", "prims"})
 _DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA", "xpu": "XPU"}
-# qualname pattern -> why its kernel runs only on CUDA (or ROCm), whatever dispatch key it is registered under.
-CUDA_ONLY_OPS = {
-    "vllm::*_tilelang": "a vLLM tilelang kernel (tilelang targets CUDA and ROCm only)",
-    "vllm::*_aiter": "a vLLM AITER kernel (ROCm only)",
-    "vllm::*_cutedsl": "a vLLM CuTe-DSL kernel (CUDA only)",
-}
-# Ops whose kernel is a Triton launch: fine where Inductor has Triton, CUDA-only elsewhere.
-TRITON_ONLY_OPS = {
-    "vllm::*_triton": "a vLLM Triton kernel, and the target has no Triton",
-    "vllm::fused_inv_rope_fp8_quant_kernel": "a vLLM Triton kernel, and the target has no Triton",
-}
 _COMPOSITE_KEYS = ("CompositeImplicitAutograd", "CompositeExplicitAutograd", "CompositeExplicitAutogradNonFunctional")
 
 
@@ -80,9 +70,9 @@ def has_kernel_for(overload: torch._ops.OpOverload, device_type: str) -> bool:
 
 def known_cuda_only(qualname: str, device: torch.device) -> str | None:
     """Why `qualname` is CUDA-only on `device` although it may report a kernel for it; None if not known so."""
-    if device.type == "cuda":
-        return None
-    table = {**CUDA_ONLY_OPS, **({} if device.type in TRITON_DEVICE_TYPES else TRITON_ONLY_OPS)}
+    # a device type the table does not name is judged as a target without Triton, or as XPU with it
+    target = device.type if device.type in TARGETS else ("xpu" if device.type in TRITON_DEVICE_TYPES else "cpu")
+    table = cuda_only_op_patterns(target)
     return next((why for pattern, why in table.items() if fnmatch.fnmatchcase(qualname, pattern)), None)
 
 
