@@ -93,6 +93,14 @@ def _cmd_constructs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_coverage(args: argparse.Namespace) -> int:
+    from dsv4_compile.tools.vllm_coverage import report_lines, scan
+
+    coverage = scan(args.kinds or None) if args.kinds else scan()
+    print("\n".join(report_lines(coverage)))
+    return 0 if coverage.ok else 1
+
+
 def _cmd_diff(args: argparse.Namespace) -> int:
     from dsv4_compile.frontend.capture import capture, rewrite
     from dsv4_compile.tools.diff import DiffRecorder
@@ -179,6 +187,12 @@ def _parser() -> argparse.ArgumentParser:
     constructs = sub.add_parser("constructs", help="vLLM's CUDA-only constructs and their handling per target "
                                 "(the README's table, as markdown)")
     constructs.set_defaults(run=_cmd_constructs)
+    coverage = sub.add_parser("coverage", help="build the installed vLLM's NVIDIA DeepSeek-V4 layer kinds, capture "
+                              "them as the backend sees them, list each CUDA-only construct met and its handling "
+                              "per target; exit 1 on an unknown construct or a refused layer")
+    coverage.add_argument("kinds", nargs="*", help="layer kinds (default: all): window-hash, ratio4, ratio128, "
+                          "window-bias")
+    coverage.set_defaults(run=_cmd_coverage)
 
     diff = _subject_parser(sub, "diff", help="show what every pass does to a captured CUDA graph",
                            description="Capture the subject with CUDA semantics (fake tensors, no GPU needed), "

@@ -1,6 +1,6 @@
 """vLLM's process groups for the DeepSeek-V4 harness at any tensor-parallel size (gloo on CPU).
 
-dsv4_layers.init_single_process_distributed is the world-size-1 case; this is the same sequence for one rank of
+vllm_layers.init_single_process_distributed (in tools) is the world-size-1 case; the same sequence for one rank of
 several processes: vLLM's init_distributed_environment, initialize_model_parallel, then the workspace manager
 (what the worker does next, gpu_worker.py:551)."""
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from tests.vllm_real import dsv4_layers as harness
-from tests.vllm_real import dsv4_steps as steps
+from dsv4_compile.tools import vllm_layers as harness
+from dsv4_compile.tools import vllm_steps as steps
 
 # A prefill, then two single-token decodes.
 STEPS = [13, 1, 1]

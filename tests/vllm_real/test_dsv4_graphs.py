@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import dsv4_compile
-from tests.vllm_real import dsv4_layers as harness
-from tests.vllm_real import dsv4_steps as steps
+from dsv4_compile.tools import vllm_layers as harness
+from dsv4_compile.tools import vllm_steps as steps
 
 
 @pytest.fixture(scope="module")

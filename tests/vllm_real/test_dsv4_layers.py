@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from dsv4_compile.frontend.ops.vllm_metadata_kernels import register_metadata_kernels
-from tests.vllm_real import dsv4_layers as harness
-from tests.vllm_real import dsv4_steps as steps
+from dsv4_compile.tools import vllm_layers as harness
+from dsv4_compile.tools import vllm_steps as steps
 from tests.vllm_real.cpu_kernels import needs_vllm_cpu_kernels
 
 # Every test here compares with vLLM's CPU port.

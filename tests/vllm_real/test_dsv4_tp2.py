@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.vllm_real import dsv4_layers as harness
+from dsv4_compile.tools import vllm_layers as harness
 from tests.vllm_real import dsv4_tp_worker as worker
 from tests.vllm_real.cpu_kernels import needs_vllm_cpu_kernels
 

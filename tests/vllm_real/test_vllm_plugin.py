@@ -86,7 +86,7 @@ class CudaOnlyModel(torch.nn.Module):
 
 
 def test_wrapper_builds_under_cuda_compat_and_runs_through_dsv4_xpu(vllm_config):
-    from tests.vllm_real.dsv4_layers import init_single_process_distributed
+    from dsv4_compile.tools.vllm_layers import init_single_process_distributed
 
     init_single_process_distributed(vllm_config)
     # CPU torch has no CUDA streams and no aten::mm.dtype kernel
@@ -105,17 +105,17 @@ def test_wrapper_builds_under_cuda_compat_and_runs_through_dsv4_xpu(vllm_config)
 
 def test_registry_class_builds_the_nvidia_model_on_cpu(load_plugins, monkeypatch, tmp_path):
     """Construction only: a forward of the whole model needs caches, metadata and Triton stand-ins that
-    vLLM's CPU worker does not provide for the NVIDIA path (see tests/vllm_real/dsv4_layers.py)."""
+    vLLM's CPU worker does not provide for the NVIDIA path (see dsv4_compile/tools/vllm_layers.py)."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.utils.torch_utils import set_default_torch_dtype
 
-    from tests.vllm_real import dsv4_layers
+    from dsv4_compile.tools import vllm_layers
 
     monkeypatch.setenv(vllm_plugin.ENABLE_ENV, "1")
     model_class = load_plugins()
-    config = dsv4_layers.make_vllm_config(dsv4_layers.write_tiny_config(tmp_path))
-    dsv4_layers.init_single_process_distributed(config)
+    config = vllm_layers.make_vllm_config(vllm_layers.write_tiny_config(tmp_path))
+    vllm_layers.init_single_process_distributed(config)
     with set_current_vllm_config(config), set_default_torch_dtype(torch.bfloat16):
         model = model_class(vllm_config=config, prefix="")
     assert [type(layer.attn).__name__ for layer in model.model.layers] == ["DeepseekV4FlashMLAAttention"] * 3

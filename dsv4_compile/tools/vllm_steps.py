@@ -1,4 +1,4 @@
-"""vLLM's KV caches, per-request block tables and forward contexts for the decoder layers dsv4_layers builds.
+"""vLLM's KV caches, per-request block tables and forward contexts for the decoder layers vllm_layers builds.
 
 The caches are laid out from each layer's own KVCacheSpec by vLLM's allocator and bound by vLLM's
 `bind_kv_cache`; attention metadata comes from each cache layer's own metadata builder and is installed with
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tests.vllm_real.dsv4_layers import MAX_MODEL_LEN
+from dsv4_compile.tools.vllm_layers import MAX_MODEL_LEN
 
 
 @dataclass

@@ -4,10 +4,10 @@ The layers come from the installed vLLM, unmodified: the CPU port (`vllm.models.
 NVIDIA path (`vllm.models.deepseek_v4.nvidia.model`). Everything around them is done the way vLLM's worker does
 it: a Hugging Face config.json in a folder -> ModelConfig -> VllmConfig, a world-size-1 process group, the layers
 built under `set_current_vllm_config` with the model dtype as default dtype, weights loaded and post-processed as
-the loader does. Their KV caches and forward contexts come from dsv4_steps, the metadata kernels' stand-ins
+the loader does. Their KV caches and forward contexts come from vllm_steps, the metadata kernels' stand-ins
 from dsv4_compile.frontend.ops.vllm_metadata_kernels.
 
-Process-wide effects (a test module using this must run in a pytest process of its own, as tests/vllm_real does):
+Process-wide effects (a process that uses this imports vLLM: tests/vllm_real runs in a pytest process of its own):
 - `import vllm.v1.worker.cpu.shm` (what vLLM's CPU worker imports first, cpu_worker.py:5) replaces
   torch.cuda.Event/Stream with no-op placeholders; the CPU port needs them at construction (attention.py:330);
 - a world-size-1 gloo process group, vLLM's model-parallel groups and its workspace manager, created once;
@@ -135,14 +135,15 @@ def fill_weights(layer: torch.nn.Module, seed: int,
     return values
 
 
-def tiny_stack(build: Callable[[Any], list[torch.nn.Module]]) -> tuple[Any, list[torch.nn.Module],
-                                                                       list[dict[str, torch.Tensor]]]:
+def tiny_stack(build: Callable[[Any], list[torch.nn.Module]], **config: Any) -> tuple[
+        Any, list[torch.nn.Module], list[dict[str, torch.Tensor]]]:
     """The tiny config's decoder layers as `build` (build_cpu_port_layers, build_nvidia_layers) makes them, in this
     process's world-size-1 setup, with seeded random weights (layer i: seed 100 i), post-processed as vLLM's loader
-    does, and the metadata kernels' stand-ins registered. Returns the VllmConfig, the layers and their weights."""
+    does, and the metadata kernels' stand-ins registered; `config` overrides the tiny config.
+    Returns the VllmConfig, the layers and their weights."""
     from dsv4_compile.frontend.ops.vllm_metadata_kernels import register_metadata_kernels
 
-    vllm_config = make_vllm_config(write_tiny_config(tempfile.mkdtemp()))
+    vllm_config = make_vllm_config(write_tiny_config(tempfile.mkdtemp(), **config))
     init_single_process_distributed(vllm_config)
     layers = build(vllm_config)
     weights = [fill_weights(layer, seed=100 * index) for index, layer in enumerate(layers)]
