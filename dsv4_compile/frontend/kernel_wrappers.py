@@ -51,6 +51,8 @@ def _not_as_frames(functions: Iterable[object]) -> None:
     code still inlines them: frame strategies do not apply to inlining."""
     skip_code = getattr(importlib.import_module("torch._dynamo.eval_frame"), "skip_code", None)
     for function in functions:
+        if isinstance(function, types.ModuleType):  # a stand-in module (`triton`) has no code of its own
+            continue
         code = getattr(function, "__code__", None)
         if skip_code is not None and code is not None:
             skip_code(code)
