@@ -18,7 +18,7 @@ TVENV      := .venv-triton
 TRITON_XPU_PIN ?= triton-xpu==3.3.0b1
 XVENV          := .venv-triton-xpu
 
-.PHONY: demo demo-replica test test-cpu-lane test-triton-lane test-vllm test-engine test-triton test-triton-xpu lint gpu-test clean
+.PHONY: mutation demo demo-replica test test-cpu-lane test-triton-lane test-vllm test-engine test-triton test-triton-xpu lint gpu-test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -60,6 +60,12 @@ test-vllm: $(BIN)/.vllm-installed
 # (tests/vllm_real/test_vllm_engine.py), each engine a process of its own that compiles the model (minutes each).
 test-engine: $(BIN)/.vllm-installed
 	CI=true $(BIN)/python -m pytest -q tests/vllm_real -m engine
+
+# A slow tier, not in `make test`: cosmic-ray mutates each lowering and pass in a worktree of HEAD and runs the
+# tests that guard it (.ci/mutation.py; hours on 2 cores; FILES=lowerings/activation.py for one file).
+mutation: $(BIN)/.installed
+	$(BIN)/pip install -q "cosmic-ray>=8.4"
+	$(BIN)/python .ci/mutation.py $(FILES)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

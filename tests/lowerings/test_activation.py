@@ -130,6 +130,43 @@ def test_alpha_beta_keywords_and_default_overload():
     torch.testing.assert_close(lo.run()[0].double(), formula(x, 3.0, 1.702, 1.0), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(("alpha", "beta"), [(0.5, -0.25), (1.0, -1.5), (0.25, 0.0)])
+def test_alpha_below_one_and_negative_beta(alpha, beta):
+    # values on the other side of the defaults: the lowering leaves out only alpha == 1 and beta == 0 exactly
+    x = torch.randn(6, 16) * 4
+    (out,) = lowered(lambda x: _alpha_beta(x, 3.0, alpha, beta), x).run()
+    torch.testing.assert_close(out.double(), formula(x, 3.0, alpha, beta), rtol=1e-6, atol=1e-6)
+
+
+OLD_SCHEMA_PROCESS = """
+import torch
+torch.library.define("_C::silu_and_mul_with_clamp", "(Tensor(a!) result, Tensor input, float limit) -> ()")
+import dsv4_compile  # finds the op defined, with vLLM's older schema, and leaves it
+from dsv4_compile.lowering.pipeline import run_pipeline
+from tests.conftest import capture_graph
+from tests.lowerings.test_activation import formula
+def fn(x):
+    out = torch.empty(x.shape[0], x.shape[1] // 2)
+    torch.ops._C.silu_and_mul_with_clamp(out, x, 3.0)
+    return out
+x = torch.randn(4, 16) * 4
+gm, _ = capture_graph(fn, x)
+run_pipeline(gm, torch.device("cpu"))
+torch.testing.assert_close(gm(x)[0].double(), formula(x, 3.0), rtol=1e-6, atol=1e-6)
+print("OK")
+"""
+
+
+def test_the_older_schema_without_alpha_beta_takes_the_defaults():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", OLD_SCHEMA_PROCESS], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_dtypes_round_where_the_kernel_rounds(dtype):
     torch.manual_seed(0)
@@ -202,8 +239,9 @@ def hand_built(out_value=None, x_value=None, args=None):
 
 @pytest.mark.parametrize(("out", "why"), [
     (torch.zeros(3, 8), r"result has shape \(3, 8\), expected \(3, 4\)"),
+    (torch.zeros(3, 2), r"result has shape \(3, 2\), expected \(3, 4\)"),
     (torch.zeros(3, 4, dtype=torch.float16), r"result dtype torch\.float16 != input dtype torch\.float32"),
-], ids=["shape", "dtype"])
+], ids=["wider", "narrower", "dtype"])
 def test_wrong_buffer_is_rejected_naming_the_node(out, why):
     gm = hand_built(out, torch.zeros(3, 8))
     node = (r"node 'silu_and_mul_with_clamp_default' \(call_function "
