@@ -138,6 +138,36 @@ def test_alpha_below_one_and_negative_beta(alpha, beta):
     torch.testing.assert_close(out.double(), formula(x, 3.0, alpha, beta), rtol=1e-6, atol=1e-6)
 
 
+def test_tokens_with_several_leading_dims():
+    # [batch, tokens, 2d] as well as [tokens, 2d]: the halves are taken along the last dim
+    def fn(x):
+        out = torch.empty(*x.shape[:-1], x.shape[-1] // 2)
+        torch.ops._C.silu_and_mul_with_clamp(out, x, 3.0)
+        return out
+
+    x = torch.randn(2, 3, 16) * 4
+    (out,) = lowered(fn, x).run()
+    torch.testing.assert_close(out.double(), formula(x, 3.0), rtol=1e-6, atol=1e-6)
+
+
+def arithmetic_ops(alpha, beta):
+    """The mul/add ops the lowering's math traces to, for these alpha and beta."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from dsv4_compile.lowering.lowerings.activation import silu_and_mul_with_clamp_native
+
+    gm = make_fx(lambda x: silu_and_mul_with_clamp_native(x, 3.0, alpha, beta))(torch.randn(4, 16))
+    return sorted(str(n.target) for n in gm.graph.nodes if "mul" in str(n.target) or "add" in str(n.target))
+
+
+def test_the_default_alpha_and_beta_add_no_operations():
+    # alpha = 1 and beta = 0 are left out of the graph (the README: under exact rounding the two no-ops slowed the
+    # kernel); any other value is applied
+    assert arithmetic_ops(1.0, 0.0) == ["aten.mul.Tensor", "aten.mul.Tensor"]
+    assert arithmetic_ops(1.5, 0.5) == ["aten.add.Tensor", "aten.mul.Tensor", "aten.mul.Tensor", "aten.mul.Tensor"]
+    assert arithmetic_ops(0.0, 1.0) == ["aten.add.Tensor", "aten.mul.Tensor", "aten.mul.Tensor", "aten.mul.Tensor"]
+
+
 OLD_SCHEMA_PROCESS = """
 import torch
 torch.library.define("_C::silu_and_mul_with_clamp", "(Tensor(a!) result, Tensor input, float limit) -> ()")
