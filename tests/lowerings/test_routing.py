@@ -146,6 +146,26 @@ def test_padding_rows_weigh_nothing_and_route_nowhere(hashed):
     assert torch.equal(source, expected_source_rows(t, k, topk_rows))
 
 
+def test_renormalise_small_scores_summing_below_one():
+    # very negative logits: sqrt(softplus) ~ 1e-3, so the chosen weights sum far below 1 before renormalising
+    t, e, k = 5, 64, 6
+    logits = make_logits(t, e, torch.float32) - 20.0
+    outs = lowered_route(logits, k, True, 1.0, None, None, None, None, None, 0)
+    check_against_oracle(outs, logits, k, True, 1.0)
+    torch.testing.assert_close(outs[0].sum(-1), torch.ones(t))
+
+
+def test_hash_table_entries_past_the_last_expert_stay_in_range():
+    # a table entry >= num_experts (a checkpoint for more experts) is clamped to the last expert, never an index
+    # past the expert weights
+    t, e, k = 3, 16, 4
+    tid2eid = torch.tensor([[0, 1, 2, 3], [12, 13, 14, 15], [15, 16, 40, 2]], dtype=torch.int64)
+    ids = torch.tensor([0, 1, 2], dtype=torch.int64)
+    _, experts, _ = lowered_route(make_logits(t, e, torch.float32), k, True, 1.0, None, ids, tid2eid, None,
+                                  None, 0)
+    assert experts.tolist() == [[0, 1, 2, 3], [12, 13, 14, 15], [15, 15, 15, 2]]
+
+
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_hash_routing_takes_experts_from_the_table(dtype, index_dtype):
@@ -222,7 +242,12 @@ def test_compiled_with_the_backend_writes_the_callers_buffers():
     (dict(bias_vl=torch.zeros(16, dtype=torch.bfloat16), input_ids=torch.zeros(2, dtype=torch.int64)),
      "bias_vl must be fp32"),
     (dict(is_padding=torch.zeros(3, dtype=torch.bool)), "is_padding must be bool of shape"),
-], ids=["experts", "weights-dtype", "indices-shape", "hash-no-ids", "hash-dtypes", "bias-vl", "padding"])
+    (dict(input_ids=torch.zeros(3, dtype=torch.int64), tid2eid=torch.zeros(9, 4, dtype=torch.int64)),
+     r"input_ids must be int32 or int64 with 2 ids"),
+    (dict(input_ids=torch.zeros(1, dtype=torch.int64), tid2eid=torch.zeros(9, 4, dtype=torch.int64)),
+     r"input_ids must be int32 or int64 with 2 ids"),
+], ids=["experts", "weights-dtype", "indices-shape", "hash-no-ids", "hash-dtypes", "bias-vl", "padding",
+        "more-ids", "fewer-ids"])
 def test_contract_violations_are_refused(change, why):
     args = dict(topk_weights=torch.zeros(2, 4), topk_indices=torch.zeros(2, 4, dtype=torch.int32),
                 token_expert_indices=torch.zeros(2, 4, dtype=torch.int32), gating_output=torch.zeros(2, 16),
