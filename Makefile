@@ -18,7 +18,7 @@ TVENV      := .venv-triton
 TRITON_XPU_PIN ?= triton-xpu==3.3.0b1
 XVENV          := .venv-triton-xpu
 
-.PHONY: mutation demo demo-replica test test-cpu-lane test-triton-lane test-vllm test-engine test-triton test-triton-xpu lint gpu-test clean
+.PHONY: mutation demo demo-replica test test-main-lane test-tiers-lane test-vllm test-engine test-triton test-triton-xpu lint gpu-test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -38,18 +38,18 @@ $(BIN)/.vllm-installed: $(BIN)/.installed $(VLLM_REQS)
 	$(BIN)/pip install -q --no-deps -r $(VLLM_REQS)
 	touch $@
 
-# Two lanes side by side on CI's two cores (each tier's output kept together): the CPU suites (the main one,
-# then vLLM's) and the Triton ones (codegen with Triton installed, then the XPU kernels compiled by Intel's).
 test: $(BIN)/.vllm-installed lint
-	$(MAKE) -j2 --output-sync=target test-cpu-lane test-triton-lane
+	$(MAKE) -j2 --output-sync=target test-main-lane test-tiers-lane
 
-test-cpu-lane: $(BIN)/.vllm-installed
+# Two lanes side by side on CI's two cores (each lane's output kept together), each about half the work: the main
+# suite; and the Triton tiers (codegen with Triton installed, the XPU kernels compiled by Intel's) then vLLM's.
+test-main-lane: $(BIN)/.vllm-installed
 	$(BIN)/python -m pytest -q --ignore=tests/vllm_real
-	$(MAKE) test-vllm
 
-test-triton-lane:
+test-tiers-lane: $(BIN)/.vllm-installed
 	$(MAKE) test-triton
 	$(MAKE) test-triton-xpu
+	$(MAKE) test-vllm
 
 # Its own process: importing vLLM sets environment variables, widens Inductor's fallback allow-list and
 # registers its ops. CI=true: a vLLM that does not import fails the run instead of skipping.

@@ -40,7 +40,9 @@ def test_readme_table_is_the_code_table(capsys):
 def test_every_lowered_op_has_its_lowering_and_every_vllm_lowering_a_row():
     lowered = {c.name for c in CONSTRUCTS if c.kind == "op" and Handling.LOWERED in map(c.handling, TARGETS)}
     assert lowered <= set(LOWERINGS), sorted(lowered - set(LOWERINGS))
-    vllm_lowerings = {name for name in LOWERINGS if not name.startswith(REPLICA_NAMESPACES)}
+    # the package's own lowerings (other test modules register some for ops of their own in this process)
+    vllm_lowerings = {name for name, lowering in LOWERINGS.items() if not name.startswith(REPLICA_NAMESPACES)
+                      and lowering.native.__module__.startswith("dsv4_compile.lowering.lowerings.")}
     assert vllm_lowerings == lowered
 
 
