@@ -96,7 +96,7 @@ def _cmd_constructs(args: argparse.Namespace) -> int:
 def _cmd_coverage(args: argparse.Namespace) -> int:
     from dsv4_compile.tools.vllm_coverage import report_lines, scan
 
-    coverage = scan(args.kinds or None) if args.kinds else scan()
+    coverage = scan(args.kinds) if args.kinds else scan()
     print("\n".join(report_lines(coverage)))
     return 0 if coverage.ok else 1
 

@@ -104,4 +104,3 @@ def combine_topk_swa_indices(
     combined_indices.copy_(indices.to(combined_indices.dtype))
     combined_lens.copy_(torch.where(in_batch, topk_len + window_len, 0).to(combined_lens.dtype))
     return combined_indices, combined_lens
-
