@@ -20,6 +20,7 @@ from dsv4_compile.frontend.api import CompiledModel, compile
 from dsv4_compile.frontend.capture import CaptureError, capture, rewrite
 from dsv4_compile.frontend.cuda_compat import cuda_compat
 from dsv4_compile.lowering.backend import dsv4_xpu
+from dsv4_compile.lowering.kernel_providers import kernel_provider
 from dsv4_compile.lowering.options import BackendOptions
 from dsv4_compile.lowering.pipeline import PASSES, run_pipeline
 from dsv4_compile.lowering.registry import native_lowering, triton_fallback
@@ -66,6 +67,7 @@ __all__ = [
     "compile",
     "cuda_compat",
     "dsv4_xpu",
+    "kernel_provider",
     "last_report",
     "native_lowering",
     "rewrite",

@@ -37,7 +37,8 @@ def dsv4_xpu(
     name = _graph_name()
     recorder = DiffRecorder(name, str(device), record=opts.dump_dir is not None)  # always: TORCH_TRACE artifacts
     try:
-        report = run_pipeline(gm, device, strict=opts.strict, disable=opts.disable, name=name, observer=recorder)
+        report = run_pipeline(gm, device, strict=opts.strict, disable=opts.disable, name=name, observer=recorder,
+                              providers=opts.providers)
     except Dsv4CompileError as exc:
         if opts.dump_dir is not None:
             recorder.write(opts.dump_dir, error=str(exc))

@@ -9,7 +9,9 @@ from typing import Any
 
 from dsv4_compile.errors import OptionsError
 from dsv4_compile.lowering.devices import parse_device
+from dsv4_compile.lowering.kernel_providers import check_preferences
 from dsv4_compile.lowering.pipeline import check_disable
+from dsv4_compile.lowering.registry import families
 
 MIXED_DTYPE_STORAGE = ("eager", "inductor")
 
@@ -36,6 +38,9 @@ class BackendOptions:
               Inductor functionalizes each write through such a view into a copy of the whole storage, a cost
               that grows with the KV cache. "inductor": the views are merged into one byte input
               (lowering/aliased_inputs.py) and the graph is compiled.
+    providers: which implementation registered ops get: {op qualname | op family | "*": provider name |
+              "native"} (lowering/kernel_providers.py). Default: the target library's tested kernel where one is
+              loaded and takes the call, else the native math.
     """
 
     device: str | None = None
@@ -46,6 +51,7 @@ class BackendOptions:
     exact_rounding: bool = True
     cudagraphs: bool = False
     mixed_dtype_storage: str = "eager"
+    providers: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.device is not None:
@@ -60,6 +66,13 @@ class BackendOptions:
             if not isinstance(self.dump_dir, (str, os.PathLike)):
                 raise OptionsError(f"option 'dump_dir' must be a path, got {type(self.dump_dir).__name__}")
             object.__setattr__(self, "dump_dir", os.fspath(self.dump_dir))
+        pairs = self.providers.items() if isinstance(self.providers, Mapping) else self.providers
+        try:
+            preferences = dict(pairs)
+        except (TypeError, ValueError) as exc:
+            raise OptionsError(f"option 'providers' must be a dict, got {self.providers!r}") from exc
+        check_preferences(preferences, set(families()))
+        object.__setattr__(self, "providers", tuple(sorted(preferences.items())))
         if isinstance(self.disable, str):
             object.__setattr__(self, "disable", (self.disable,))
         object.__setattr__(self, "disable", tuple(self.disable))
@@ -82,4 +95,5 @@ class BackendOptions:
 
     def cache_key(self) -> str:
         """What changes the rewritten graph (device is already visible in the graph)."""
-        return f"strict={self.strict};disable={','.join(sorted(self.disable))}"
+        providers = ",".join(f"{key}={value}" for key, value in self.providers)
+        return f"strict={self.strict};disable={','.join(sorted(self.disable))};providers={providers}"

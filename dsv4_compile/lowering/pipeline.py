@@ -17,8 +17,9 @@ import torch
 import torch.fx
 from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
-import dsv4_compile.lowering.lowerings  # noqa: F401 - registers the native lowerings
 from dsv4_compile.errors import OptionsError
+from dsv4_compile.lowering import lowerings as _lowerings  # noqa: F401 - registers the native lowerings
+from dsv4_compile.lowering import providers as _providers  # noqa: F401 - registers the kernel providers
 from dsv4_compile.lowering.passes.audit import audit_residual_cuda
 from dsv4_compile.lowering.passes.aux_streams import remove_aux_streams
 from dsv4_compile.lowering.passes.base import PassContext, PassResult, graph_scopes, tidy
@@ -82,6 +83,7 @@ def run_pipeline(
     disable: tuple[str, ...] = (),
     name: str | None = None,
     observer: Observer | None = None,
+    providers: tuple[tuple[str, str], ...] = (),
 ) -> RewriteReport:
     """Run every pass (except those in `disable`) over `gm`, in place, and return the report.
 
@@ -89,7 +91,8 @@ def run_pipeline(
     after it (with its PassStats); `index` is the pass's 1-based position in PASSES. See tools/diff.py.
     """
     check_disable(disable)
-    ctx = PassContext(device=device, strict=strict, disabled_families=frozenset(disable) & set(families()))
+    ctx = PassContext(device=device, strict=strict, disabled_families=frozenset(disable) & set(families()),
+                      providers=tuple(providers))
     report = RewriteReport(graph=name or type(gm).__name__, device=str(device), nodes_before=_count(gm))
     for index, spec in enumerate(PASSES, 1):
         if spec.name in disable:
@@ -107,7 +110,7 @@ def run_pipeline(
         detail = tuple(PassStats(key, sub.matched, sub.changed, 0.0, skipped=sub.skipped)
                        for key, sub in result.detail.items())
         stats = PassStats(spec.name, result.matched, result.changed, 1e3 * (time.perf_counter() - start),
-                          detail=detail)
+                          detail=detail, kernels=tuple(sorted(result.kernels.items())))
         report.passes.append(stats)
         if observer is not None:
             observer(index, spec.name, gm, stats)

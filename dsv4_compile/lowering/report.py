@@ -20,6 +20,7 @@ class PassStats:
     ms: float
     skipped: bool = False
     detail: tuple[PassStats, ...] = ()
+    kernels: tuple[tuple[str, str], ...] = ()  # op -> the implementation its calls got (lower_ops)
 
 
 @dataclasses.dataclass
@@ -49,6 +50,11 @@ class RewriteReport:
             return None
 
     @property
+    def kernels(self) -> dict[str, str]:
+        """Op qualname -> what its calls became: "native" (the lowering's math) or "<provider> (<kernel>)"."""
+        return {op: label for stats in self.passes for op, label in stats.kernels}
+
+    @property
     def total_changed(self) -> int:
         return sum(s.changed for s in self.passes)
 
@@ -74,7 +80,9 @@ class RewriteReport:
         buffer = io.StringIO()
         Console(file=buffer, width=100, color_system=None, legacy_windows=False).print(self.table(title=False))
         compiled = f"\ncompiled by: {self.compiled_by}" if self.compiled_by else ""
-        return f"{self.headline}\n{buffer.getvalue().rstrip()}{compiled}"
+        kernels = "".join(f"\n  {op}: {label}" for op, label in self.kernels.items())
+        kernels = f"\nkernels:{kernels}" if kernels else ""
+        return f"{self.headline}\n{buffer.getvalue().rstrip()}{kernels}{compiled}"
 
 
 _reports: list[RewriteReport] = []

@@ -15,22 +15,26 @@ from dsv4_compile.errors import UnsupportedNodeError
 
 @dataclasses.dataclass(frozen=True)
 class PassContext:
-    """What a pass knows besides the graph: the target device, how strict to be, which op families are off."""
+    """What a pass knows besides the graph: the target device, how strict to be, which op families are off, and
+    which kernel providers the user prefers (option `providers`, lowering/kernel_providers.py)."""
 
     device: torch.device
     strict: bool = True
     disabled_families: frozenset[str] = frozenset()
+    providers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass
 class PassResult:
     """Counts of one pass over one graph: nodes it matched, and nodes it changed (added, rewired or removed);
-    `detail` splits them by op family or construct, for the report."""
+    `detail` splits them by op family or construct, for the report; `kernels`: op -> the implementation its
+    calls got (native math or a library kernel)."""
 
     matched: int = 0
     changed: int = 0
     detail: dict[str, PassResult] = dataclasses.field(default_factory=dict)
     skipped: bool = False
+    kernels: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def count(self, key: str | None = None, *, matched: int = 0, changed: int = 0) -> None:
         self.matched += matched
@@ -42,6 +46,7 @@ class PassResult:
         self.count(matched=other.matched, changed=other.changed)
         for key, sub in other.detail.items():
             self.detail.setdefault(key, PassResult()).__iadd__(sub)
+        self.kernels.update(other.kernels)
         return self
 
 

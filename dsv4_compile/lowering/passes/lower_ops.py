@@ -12,6 +12,8 @@ Emits:
     which computes and writes the buffer, refusing a value of another shape or dtype (no broadcast, no cast).
 The kernel's contract check (`check=`) runs on the recorded values at rewrite time; when a value is not
 recorded the emitted call runs it instead (`<native>_checked` / `_into`), so a bad call never passes silently.
+Where the target's library has a kernel with the op's contract (lowering/kernel_providers.py), the call may get
+that kernel instead of the native math; the result's `kernels` says which each op got.
 Arguments a lowering `ignores` are dropped, and their producers (a tile scheduler) go once unused. A `paged`
 cache given as a reshape that keeps its block dim (`cache.view(cache.shape[0], -1)`) is given as the tensor it
 reshapes, so that Inductor writes the graph input in place.
@@ -27,6 +29,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 from torch.fx.operator_schemas import normalize_function
 
 from dsv4_compile.errors import UnsupportedNodeError, describe_node
+from dsv4_compile.lowering.kernel_providers import choose
 from dsv4_compile.lowering.passes.base import (
     PassContext,
     PassResult,
@@ -64,13 +67,22 @@ def lower_registered_ops(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResu
             for name in lowering.paged:
                 arguments[name] = paged_base(arguments[name])
             dropped += [arguments[name] for name in lowering.ignores if isinstance(arguments[name], torch.fx.Node)]
-            lower_call(graph, node, lowering, arguments, order)
+            choice = choose(lowering, ctx.device.type, dict(ctx.providers), recorded_values(arguments),
+                            describe_node(node))
+            lower_call(graph, node, choice.lowering(lowering), arguments, order)
             result.count(lowering.family, matched=1, changed=1)
+            _note_kernel(result, lowering.qualname, choice.label)
             removed = erase_dead_producers(graph, dropped)
             if removed:
                 result.count(lowering.family, changed=removed)
             dropped = [n for n in dropped if n.users]
     return result
+
+
+def _note_kernel(result: PassResult, qualname: str, label: str) -> None:
+    """Record the implementation `qualname`'s calls got; calls that got different ones are all listed."""
+    seen = result.kernels.get(qualname)
+    result.kernels[qualname] = label if seen in (None, label) else " / ".join(sorted({*seen.split(" / "), label}))
 
 
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten"}
