@@ -18,7 +18,7 @@ TVENV      := .venv-triton
 TRITON_XPU_PIN ?= triton-xpu==3.3.0b1
 XVENV          := .venv-triton-xpu
 
-.PHONY: mutation demo demo-replica test test-main-lane test-tiers-lane test-vllm test-engine test-triton test-triton-xpu lint gpu-test clean
+.PHONY: fuzz mutation demo demo-replica test test-main-lane test-tiers-lane test-vllm test-engine test-triton test-triton-xpu lint gpu-test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -66,6 +66,16 @@ test-engine: $(BIN)/.vllm-installed
 mutation: $(BIN)/.installed
 	$(BIN)/pip install -q "cosmic-ray>=8.4"
 	$(BIN)/python .ci/mutation.py $(FILES)
+
+# A slow tier, not in `make test`: FUZZ_PROGRAMS random programs of vLLM's ops through dsv4_xpu against eager
+# (tests/vllm_real/test_fuzz_programs.py; `make test` runs 25), split over two processes with their own seeds.
+FUZZ_PROGRAMS ?= 10000
+fuzz: $(BIN)/.vllm-installed
+	$(MAKE) -j2 --output-sync=target fuzz-seed-1 fuzz-seed-2
+
+fuzz-seed-%: $(BIN)/.vllm-installed
+	DSV4_FUZZ_PROGRAMS=$$(( $(FUZZ_PROGRAMS) / 2 )) CI=true $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/vllm_real/test_fuzz_programs.py --hypothesis-seed=$* --hypothesis-show-statistics
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
