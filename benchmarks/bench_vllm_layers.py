@@ -27,7 +27,6 @@ import statistics
 import tempfile
 import time
 import traceback
-from typing import Any
 
 import torch
 
@@ -49,25 +48,6 @@ def cpu_port_missing() -> str | None:
 
         return _cpu_port_unavailable()
     return None if vllm_cpu_kernels_loaded() else REASON
-
-
-class GraphCounter:
-    """dsv4_xpu, counting the graphs it compiles and the calls of them (as tests/vllm_real/test_dsv4_graphs.py)."""
-
-    def __init__(self) -> None:
-        self.compiled = self.calls = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Any:
-        import dsv4_compile
-
-        self.compiled += 1
-        run = dsv4_compile.dsv4_xpu(gm, example_inputs)
-
-        def counted(*args: Any) -> Any:
-            self.calls += 1
-            return run(*args)
-
-        return counted
 
 
 def build_stack(path: str, overrides: dict, max_num_seqs: int, max_tokens: int, weights: list | None) -> tuple:
@@ -110,7 +90,7 @@ def bench_kind(path: str, stack: tuple, index: int, args: argparse.Namespace, ou
     config, layers, setup, _ = stack
     hf = config.model_config.hf_config
     only = lambda name: name.startswith(harness.layer_prefix(index) + ".")  # noqa: E731
-    counter = GraphCounter()
+    counter = steps.GraphCounter()
     forward = lambda x, p, i: harness.run_layers([layers[index]], x, p, i)  # noqa: E731
     if path == "dsv4_xpu":
         torch._dynamo.reset()

@@ -204,3 +204,23 @@ def batch_step(vllm_config: Any, setup: CacheSetup, batch: list[tuple[Sequence, 
         yield positions
     for sequence, num_new in batch:
         sequence.num_computed += num_new
+
+
+class GraphCounter:
+    """A backend: dsv4_xpu, counting the graphs it compiles (`compiled`) and the calls of them (`calls`)."""
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        self.options = options
+        self.compiled = self.calls = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
+        from dsv4_compile.lowering.backend import dsv4_xpu
+
+        self.compiled += 1
+        run = dsv4_xpu(gm, example_inputs, self.options)
+
+        def counted(*args: Any) -> Any:
+            self.calls += 1
+            return run(*args)
+
+        return counted

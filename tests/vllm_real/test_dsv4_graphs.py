@@ -23,29 +23,12 @@ def stack():
     return vllm_config, layers, steps.allocate_kv_caches(vllm_config, max_tokens=512, num_sequences=4)
 
 
-class GraphCounter:
-    """dsv4_xpu, counting the compiled graphs it makes and the calls of them."""
-
-    def __init__(self) -> None:
-        self.compiled = self.calls = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        self.compiled += 1
-        run = dsv4_compile.dsv4_xpu(gm, example_inputs)
-
-        def counted(*args: object) -> object:
-            self.calls += 1
-            return run(*args)
-
-        return counted
-
-
 def test_decode_steps_run_one_graph_at_any_batch_size_and_position(stack):
     from torch._dynamo.utils import counters
 
     vllm_config, layers, setup = stack
     torch._dynamo.reset()
-    counter = GraphCounter()
+    counter = steps.GraphCounter()
     compiled = torch.compile(lambda x, p, i: harness.run_layers(layers, x, p, i), backend=counter)
     sequences = [steps.new_sequence(setup, index) for index in range(4)]
     for sequence, cached in zip(sequences, [5, 130, 200, 300], strict=True):
