@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from dsv4_compile.errors import OptionsError
-from dsv4_compile.lowering.registry import NativeLowering
+from dsv4_compile.lowering.registry import LOWERINGS, NativeLowering
 
 NATIVE = "native"
 _DISPATCH_KEYS = {"cpu": "CPU", "xpu": "XPU", "cuda": "CUDA"}
@@ -160,8 +160,6 @@ def _refusal(provider: KernelProvider, values: Mapping[str, object] | None) -> s
 def check_preferences(preferences: Mapping[str, str], families: set[str]) -> None:
     """Option `providers`: keys are registered op qualnames, op families or "*"; values "native" or a provider
     name registered for some op."""
-    from dsv4_compile.lowering.registry import LOWERINGS
-
     names = {p.name for entries in PROVIDERS.values() for p in entries} | {NATIVE}
     for key, value in preferences.items():
         if not isinstance(key, str) or not isinstance(value, str):
